@@ -1,0 +1,126 @@
+"""Entry points: validate -> record -> sweep -> finalize.
+
+``semiring_backward(fn, inputs, semiring)`` returns one tensor per input, shaped like it:
+
+* ``"gradient"``: d root / d x (equals ``torch.autograd.grad``);
+* ``"flow"``: ``Z(x) = sum_paths prod |w|``;
+* ``"entropy"``: ``H(x) = U/Z + log Z`` of the path distribution ``p(pi) ~ |w_pi|`` (nats);
+* ``"maxpath"``: the best path's value (``sign``: ``"abs"`` = max |prod w|, ``"positive"`` = M+, ``"negative"`` =
+  M-; ``granularity``: ``"scalar"`` or the paper's ``"tensor"``).
+
+:func:`run` gives the richer :class:`SemiringResult` (raw semiring values, the tape, back-pointers for paths).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+
+from . import rules as _rules  # noqa: F401  (fills the rule table)
+from .errors import InvalidInputError
+from .graph.recorder import record
+from .graph.tape import Tape
+from .rules.registry import DEFAULT_RULES, RuleSet
+from .semirings import SEMIRINGS
+from .traversal import sweep
+
+
+@dataclass
+class SemiringResult:
+    """Everything one sweep produced. ``values``: finalized tensors shaped like the inputs; ``raw``: the semiring's
+    own values per input (``None`` where no path reaches it); ``trail``: node id -> value of every node (only when
+    back-pointers were requested); ``semiring``: the semiring object (it knows how to read ``raw``)."""
+
+    values: tuple[torch.Tensor, ...]
+    raw: tuple[Any, ...]
+    tape: Tape
+    semiring: Any
+    trail: dict[int, Any] = field(default_factory=dict)
+
+
+def make_semiring(semiring: str, *, sign: str = "abs", granularity: str = "scalar", backpointers: bool = False):
+    if semiring not in SEMIRINGS:
+        raise InvalidInputError(f"unknown semiring {semiring!r}", where="semiring_backward",
+                                fix=f"use one of {sorted(SEMIRINGS)}")
+    if semiring == "maxpath":
+        return SEMIRINGS[semiring](sign=sign, granularity=granularity, backpointers=backpointers)
+    if sign != "abs" or granularity != "scalar":
+        raise InvalidInputError(
+            f"sign={sign!r} / granularity={granularity!r} apply to the maxpath semiring only, not {semiring!r}",
+            where="semiring_backward", fix="leave sign='abs' and granularity='scalar' for this semiring")
+    return SEMIRINGS[semiring]()
+
+
+def _check_inputs(inputs) -> tuple[torch.Tensor, ...]:
+    if isinstance(inputs, torch.Tensor):
+        inputs = (inputs,)
+    inputs = tuple(inputs)
+    if not inputs:
+        raise InvalidInputError("no inputs given", where="semiring_backward",
+                                fix="pass the tensor(s) to attribute to, e.g. the input embeddings")
+    for i, x in enumerate(inputs):
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            raise InvalidInputError(f"input {i} is not a floating-point tensor ({type(x).__name__})",
+                                    where="semiring_backward",
+                                    fix="attribute to floating tensors such as input embeddings, not token ids")
+        if x.numel() == 0:
+            raise InvalidInputError(f"input {i} is empty (shape {tuple(x.shape)})", where="semiring_backward",
+                                    fix="pass a non-empty input")
+        if not bool(torch.isfinite(x).all()):
+            raise InvalidInputError(f"input {i} contains NaN or inf", where="semiring_backward",
+                                    fix="check the model's embeddings / the input values")
+    return inputs
+
+
+def _check_root(tape: Tape) -> None:
+    root = tape.root
+    if root.dim() > 1:
+        raise InvalidInputError(f"fn returned a tensor of shape {tuple(root.shape)}; the root must be a scalar or "
+                                "one scalar per batch row (shape (B,))", where="semiring_backward",
+                                fix="reduce the output to the quantity to explain, e.g. out.logits[0, -1, token]")
+    if not bool(torch.isfinite(root).all()):
+        raise InvalidInputError("the model's output (the root) is NaN or inf", where="semiring_backward",
+                                fix="check the model and its inputs; a NaN forward pass has no gradient graph")
+    if tape.root_id is None:
+        raise InvalidInputError("fn's output does not depend on the inputs", where="semiring_backward",
+                                fix="make sure fn uses the given input tensors (e.g. inputs_embeds=...)")
+
+
+def run(
+    fn: Callable[..., torch.Tensor],
+    inputs: torch.Tensor | Sequence[torch.Tensor],
+    semiring: str = "gradient",
+    *,
+    sign: str = "abs",
+    granularity: str = "scalar",
+    backpointers: bool = False,
+    model: torch.nn.Module | None = None,
+    rules: RuleSet = DEFAULT_RULES,
+    tape: Tape | None = None,
+) -> SemiringResult:
+    """Record ``fn(*inputs)`` (or reuse ``tape``) and sweep it once with the named semiring."""
+    ring = make_semiring(semiring, sign=sign, granularity=granularity, backpointers=backpointers)
+    inputs = _check_inputs(inputs)
+    if tape is None:
+        tape = record(fn, inputs, model=model, rules=rules)
+    _check_root(tape)
+    trail: dict[int, Any] = {}
+    keep = trail.__setitem__ if backpointers else None
+    env = sweep(tape, ring, ring.seed(tape.root), rules=rules, on_complete=keep)
+    raw = tuple(env.get(tid) for tid in tape.input_ids)
+    values = tuple(ring.finalize(r, x) for r, x in zip(raw, inputs))
+    return SemiringResult(values, raw, tape, ring, trail)
+
+
+def semiring_backward(
+    fn: Callable[..., torch.Tensor],
+    inputs: torch.Tensor | Sequence[torch.Tensor],
+    semiring: str,
+    *,
+    sign: str = "abs",
+    granularity: str = "scalar",
+) -> tuple[torch.Tensor, ...]:
+    """One reverse sweep of ``semiring`` from the root ``fn(*inputs)``; one tensor per input, shaped like it."""
+    return run(fn, inputs, semiring, sign=sign, granularity=granularity).values

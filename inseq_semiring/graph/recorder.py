@@ -1,0 +1,181 @@
+"""Record the gradient graph of ``fn(*inputs)`` at ATen-operator granularity.
+
+A private :class:`~torch.utils._python_dispatch.TorchDispatchMode` sees every ATen call below autograd. A call
+is recorded when one of its tensor arguments is a node; its floating outputs then become nodes with fresh ids.
+Module paths come from a stack kept by global forward hooks (removed on exit).
+In-place operators are recorded functionally: the written tensor gets a new id, and every earlier record that
+saved that tensor object is given a snapshot of its value before the write.
+"""
+
+from __future__ import annotations
+
+import itertools
+from contextlib import contextmanager
+from typing import Callable, Sequence
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from ..errors import UnsupportedModelError
+from ..rules.registry import DEFAULT_RULES, RuleSet
+from .tape import OpRecord, Tape
+
+aten = torch.ops.aten
+
+#: Operators that only inspect or re-describe data; they never create nodes.
+_PASSIVE = {aten.sym_size.int, aten.sym_stride.int, aten.sym_numel.default, aten.sym_storage_offset.default,
+            aten.is_same_size.default, aten._local_scalar_dense.default, aten.is_nonzero.default}
+
+
+def _is_floating(t) -> bool:
+    return isinstance(t, torch.Tensor) and (t.is_floating_point() or t.is_complex())
+
+
+class _RecordingMode(TorchDispatchMode):
+    def __init__(self, rules: RuleSet, names: dict[int, str]):
+        super().__init__()
+        self.rules = rules
+        self.names = names
+        self.stack: list[str] = []
+        self.records: list[OpRecord] = []
+        self.ids: dict[int, tuple[int, torch.Tensor]] = {}  # id(tensor) -> (node id, tensor kept alive)
+        self.saved_in: dict[int, list[tuple[list, int]]] = {}  # id(tensor) -> places that hold it
+        self.counter = itertools.count()
+
+    # -- node bookkeeping ---------------------------------------------------------------------------------------
+    def track(self, t: torch.Tensor) -> int:
+        tid = next(self.counter)
+        self.ids[id(t)] = (tid, t)
+        return tid
+
+    def node_id(self, t) -> int | None:
+        if not isinstance(t, torch.Tensor):
+            return None
+        entry = self.ids.get(id(t))
+        return None if entry is None else entry[0]
+
+    def _remember(self, holder: list, pos: int) -> None:
+        t = holder[pos]
+        if isinstance(t, torch.Tensor):
+            self.saved_in.setdefault(id(t), []).append((holder, pos))
+
+    def _snapshot_before_write(self, t: torch.Tensor) -> torch.Tensor:
+        """Give every earlier holder of ``t`` a copy of its current value; return that copy."""
+        old = t.detach().clone()
+        for holder, pos in self.saved_in.pop(id(t), []):
+            holder[pos] = old
+        return old
+
+    # -- dispatch -----------------------------------------------------------------------------------------------
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _PASSIVE:
+            return func(*args, **kwargs)
+        leaves, _ = tree_flatten((args, kwargs))
+        leaf_ids = [self.node_id(x) if _is_floating(x) else None for x in leaves]
+        written = self._written_leaves(func, leaves)
+        if all(i is None for i in leaf_ids):
+            for pos in written:  # a constant overwrote a node: it is a node no more
+                self.ids.pop(id(leaves[pos]), None)
+            return func(*args, **kwargs)
+
+        module = self.stack[-1] if self.stack else ""
+        where = f"module '{module or '<top level>'}', operator {func}"
+        saved_leaves = list(leaves)
+        for pos in written:
+            t = leaves[pos]
+            if t._base is not None and (self.node_id(t._base) is not None or leaf_ids[pos] is not None
+                                        or any(i is not None for i in leaf_ids)):
+                raise UnsupportedModelError(
+                    "an in-place write into a view of a traced tensor cannot be represented faithfully",
+                    where=where,
+                    fix="run the model without caches (use_cache=False) or replace the in-place write by its "
+                    "out-of-place form",
+                )
+            saved_leaves[pos] = self._snapshot_before_write(t)
+
+        out = func(*args, **kwargs)
+        if self.rules.is_constant(func) or func in (aten.detach.default,):
+            return out
+        out_leaves, _ = tree_flatten(out)
+        out_ids = []
+        for t in out_leaves:
+            out_ids.append(self.track(t) if _is_floating(t) else None)
+        if all(i is None for i in out_ids):
+            return out
+        rec = OpRecord(
+            index=len(self.records), op=func, args=args, kwargs=kwargs, leaves=saved_leaves,
+            leaf_ids=tuple(leaf_ids), outputs=list(out_leaves), output_ids=tuple(out_ids), module_path=module,
+        )
+        for pos in range(len(saved_leaves)):
+            self._remember(rec.leaves, pos)
+        for pos in range(len(rec.outputs)):
+            self._remember(rec.outputs, pos)
+        self.records.append(rec)
+        return out
+
+    @staticmethod
+    def _written_leaves(func, leaves) -> list[int]:
+        """Positions of tensor leaves that the operator writes into (schema alias annotations with ``!``)."""
+        schema = func._schema
+        if not schema.is_mutable:
+            return []
+        written_names = {a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write}
+        positions = []
+        # leaves are ordered like the flattened arguments; map the leading positional tensor arguments
+        for pos, arg in enumerate(schema.arguments):
+            if arg.name in written_names and pos < len(leaves) and isinstance(leaves[pos], torch.Tensor):
+                positions.append(pos)
+        return positions
+
+
+@contextmanager
+def _module_stack(mode: _RecordingMode):
+    def pre(module, _inputs):
+        mode.stack.append(mode.names.get(id(module), type(module).__name__))
+
+    def post(module, _inputs, _output):
+        if mode.stack:
+            mode.stack.pop()
+
+    h1 = torch.nn.modules.module.register_module_forward_pre_hook(pre)
+    h2 = torch.nn.modules.module.register_module_forward_hook(post)
+    try:
+        yield
+    finally:
+        h1.remove()
+        h2.remove()
+
+
+def record(
+    fn: Callable[..., torch.Tensor],
+    inputs: Sequence[torch.Tensor],
+    *,
+    model: torch.nn.Module | None = None,
+    rules: RuleSet = DEFAULT_RULES,
+) -> Tape:
+    """Run ``fn(*inputs)`` once, without autograd, and return its :class:`Tape`.
+
+    Raises :class:`~inseq_semiring.errors.UnsupportedOpError` listing every operator without a rule.
+    """
+    names = {}
+    if model is not None:
+        names = {id(m): name for name, m in model.named_modules()}
+        names[id(model)] = ""
+    mode = _RecordingMode(rules, names)
+    input_ids = []
+    for t in inputs:
+        input_ids.append(mode.track(t))
+    with torch.no_grad(), _module_stack(mode), mode:
+        root = fn(*inputs)
+    if not isinstance(root, torch.Tensor):
+        raise TypeError(f"fn must return a tensor (the root), got {type(root).__name__}")
+    root_id = mode.node_id(root)
+    tape = Tape(records=mode.records, input_ids=tuple(input_ids), root_id=root_id, root=root,
+                model_class=type(model).__name__ if model is not None else "")
+    for rec in tape.records:  # freeze the holders (lists were kept mutable for snapshots)
+        object.__setattr__(rec, "leaves", tuple(rec.leaves))
+        object.__setattr__(rec, "outputs", tuple(rec.outputs))
+    rules.check_coverage(tape.records, tape.model_class)
+    return tape

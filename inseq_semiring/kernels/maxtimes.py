@@ -1,0 +1,657 @@
+"""Max-times (and min-times) matrix contraction: the (max, x) semiring matrix product.
+
+    C[..., i, j] = max_k a[..., i, k] * b[..., k, j]
+
+Two backends compute the same thing:
+
+* ``"cpp"`` -- a cache-blocked, register-tiled C++ kernel (float32 / float64, CPU tensors),
+  compiled on first use with :func:`torch.utils.cpp_extension.load_inline` and cached under
+  ``~/.cache/inseq_semiring/ext/<hash of source and flags>``; a changed source rebuilds.
+* ``"torch"`` -- a pure-PyTorch fallback, device-agnostic (CPU, CUDA, ...), any dtype torch can
+  multiply and compare. It never materialises the full ``[*batch, m, k, n]`` product: it walks
+  blocks of the batch, of ``m`` and of ``k`` sized so that one temporary stays under
+  ``_TORCH_CHUNK_BYTES`` and keeps a running max (and argmax) across the ``k`` blocks.
+
+The C++ backend is used for CPU float32/float64 inputs unless the environment variable
+``INSEQ_SEMIRING_NO_EXT=1`` is set or the build failed (then a single warning is issued and the
+torch backend is used from then on). :func:`active_backend` says which backend CPU inputs get.
+
+Semantics shared by both backends (and checked by ``tests/test_maxtimes.py``):
+
+* Values are a plain max of ordinary float products (any sign; not a max of absolute values).
+  ``inf * 0`` is NaN as usual.
+* NaN propagates: if any product in the reduction over ``k`` is NaN (a NaN input, or an
+  ``inf * 0`` product), the output is NaN. The argmax index at such an output is unspecified
+  (it is some valid index in ``[0, k)``).
+* Ties break to the SMALLEST ``k``: ``k`` is scanned in increasing order and the winner is only
+  replaced by a strictly greater product (``-0.0`` and ``+0.0`` are equal, so they tie).
+* Empty contraction (``k == 0``): the result is the semiring zero, ``-inf`` for
+  :func:`max_times` (``+inf`` for :func:`min_times`), and the argmax index is ``-1``.
+* The result is a new tensor and is not tracked by autograd.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+__all__ = ["max_times", "min_times", "active_backend", "NO_EXT_ENV"]
+
+#: Environment variable that, when set to ``1`` (or ``true``/``yes``), forces the torch backend.
+NO_EXT_ENV = "INSEQ_SEMIRING_NO_EXT"
+
+#: Upper bound on the size of one temporary of the torch backend (bytes).
+_TORCH_CHUNK_BYTES = 64 << 20
+#: Preferred size of one temporary of the torch backend (bytes): small enough to stay in cache.
+_TORCH_TARGET_BYTES = 4 << 20
+
+_EXT_DTYPES = (torch.float32, torch.float64)
+
+_CPP_SOURCE = r"""
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <new>
+#include <tuple>
+
+// ---------------------------------------------------------------------------------------------
+// Vector width: GCC/Clang vector extensions, sized for the widest ISA enabled by -march=native.
+// ---------------------------------------------------------------------------------------------
+#if defined(__AVX512F__)
+#define MT_VBYTES 64
+#define MT_NREGS 32
+#elif defined(__AVX__)
+#define MT_VBYTES 32
+#define MT_NREGS 16
+#elif defined(__aarch64__)
+#define MT_VBYTES 16
+#define MT_NREGS 32
+#else
+#define MT_VBYTES 16
+#define MT_NREGS 16
+#endif
+
+// Cache blocking (elements): k-block, rows per task, columns per task.
+#ifndef MT_KC
+#define MT_KC 256
+#endif
+#ifndef MT_MC
+#define MT_MC 192
+#endif
+#ifndef MT_NC
+#define MT_NC 1536
+#endif
+
+namespace {
+
+template <typename T> struct VT;
+template <> struct VT<float> {
+  typedef float V __attribute__((vector_size(MT_VBYTES)));
+  typedef int32_t IV __attribute__((vector_size(MT_VBYTES)));
+  typedef int32_t I;   // index lanes match the value lanes, so a compare mask selects both
+  typedef uint32_t U;
+  static constexpr U EXP = 0x7f800000u;
+};
+template <> struct VT<double> {
+  typedef double V __attribute__((vector_size(MT_VBYTES)));
+  typedef int64_t IV __attribute__((vector_size(MT_VBYTES)));
+  typedef int64_t I;
+  typedef uint64_t U;
+  static constexpr U EXP = 0x7ff0000000000000ull;
+};
+
+// Register tile: MR rows x NV vectors. Accumulators (and index accumulators when ARG) must fit
+// in the register file next to NV loaded B vectors and one broadcast.
+#if MT_NREGS >= 32
+#ifndef MT_MR0
+#define MT_MR0 6
+#define MT_NV0 4
+#endif
+#ifndef MT_MR1
+#define MT_MR1 4
+#define MT_NV1 3
+#endif
+#else
+#ifndef MT_MR0
+#define MT_MR0 6
+#define MT_NV0 2
+#endif
+#ifndef MT_MR1
+#define MT_MR1 2
+#define MT_NV1 2
+#endif
+#endif
+template <bool ARG> struct Tile;
+template <> struct Tile<false> { static constexpr int MR = MT_MR0, NV = MT_NV0; };
+template <> struct Tile<true> { static constexpr int MR = MT_MR1, NV = MT_NV1; };
+
+template <typename T> struct Buf {  // 64-byte aligned scratch, grown on demand
+  T* p = nullptr;
+  size_t n = 0;
+  T* get(size_t want) {
+    if (want > n) {
+      std::free(p);
+      size_t bytes = ((want * sizeof(T) + 63) / 64) * 64;
+      p = static_cast<T*>(std::aligned_alloc(64, bytes));
+      if (!p) throw std::bad_alloc();
+      n = want;
+    }
+    return p;
+  }
+  ~Buf() { std::free(p); }
+};
+
+template <typename V, typename T> static inline V vload(const T* p) {
+  V v;
+  std::memcpy(&v, p, sizeof(V));
+  return v;
+}
+template <typename V, typename T> static inline void vstore(T* p, const V& v) {
+  std::memcpy(p, &v, sizeof(V));
+}
+
+// One MR x NR tile, one k-block. Ap: packed [kc][MR], Bp: packed [kc][NR],
+// Ct / It: the tile's running max / argmax, [MR][NR] row-major.
+// A product replaces the running value only if strictly greater (NaN never replaces): since k
+// is scanned in increasing order, ties keep the smallest k.
+template <typename T, bool ARG, int MR, int NV>
+static inline __attribute__((always_inline)) void micro(
+    const T* __restrict Ap, const T* __restrict Bp, int64_t kc, typename VT<T>::I kbase,
+    T* __restrict Ct, typename VT<T>::I* __restrict It) {
+  typedef typename VT<T>::V V;
+  typedef typename VT<T>::IV IV;
+  constexpr int W = MT_VBYTES / sizeof(T);
+  constexpr int NR = NV * W;
+  V c[MR][NV];
+  IV ix[MR][NV];
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 16
+    for (int v = 0; v < NV; ++v) {
+      c[r][v] = vload<V>(Ct + r * NR + v * W);
+      if (ARG) ix[r][v] = vload<IV>(It + r * NR + v * W);
+    }
+  IV kv = IV{} + kbase;
+  const IV one = IV{} + 1;
+  for (int64_t p = 0; p < kc; ++p) {
+    V bv[NV];
+#pragma GCC unroll 16
+    for (int v = 0; v < NV; ++v) bv[v] = vload<V>(Bp + p * NR + v * W);
+#pragma GCC unroll 16
+    for (int r = 0; r < MR; ++r) {
+      const T s = Ap[p * MR + r];
+#pragma GCC unroll 16
+      for (int v = 0; v < NV; ++v) {
+        const V prod = bv[v] * s;
+        if (ARG) {
+          const IV gt = prod > c[r][v];
+          c[r][v] = gt ? prod : c[r][v];
+          ix[r][v] = gt ? kv : ix[r][v];
+        } else {
+          c[r][v] = prod > c[r][v] ? prod : c[r][v];
+        }
+      }
+    }
+    if (ARG) kv += one;
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 16
+    for (int v = 0; v < NV; ++v) {
+      vstore(Ct + r * NR + v * W, c[r][v]);
+      if (ARG) vstore(It + r * NR + v * W, ix[r][v]);
+    }
+}
+
+template <typename T> static inline bool nonfinite(T x) {
+  typename VT<T>::U u;
+  std::memcpy(&u, &x, sizeof(T));
+  return (u & VT<T>::EXP) == VT<T>::EXP;
+}
+
+template <typename T> struct Scratch {
+  Buf<T> ap, bp, cw;
+  Buf<typename VT<T>::I> iw;
+};
+
+// Rows [i0, i1) x columns [j0, j1) of one matrix product; returns true if a NaN/inf input
+// element was seen (the caller then fixes the NaN outputs up).
+template <typename T, bool ARG>
+static bool run_block(const T* A, const T* B, T* C, int64_t* Cidx, int64_t k, int64_t n,
+                      int64_t i0, int64_t i1, int64_t j0, int64_t j1, Scratch<T>& s) {
+  typedef typename VT<T>::I I;
+  constexpr int W = MT_VBYTES / sizeof(T);
+  constexpr int MR = Tile<ARG>::MR, NV = Tile<ARG>::NV, NR = NV * W;
+  const int64_t mb = i1 - i0, nb = j1 - j0;
+  const int64_t mt = (mb + MR - 1) / MR, nt = (nb + NR - 1) / NR;
+  const int64_t KC = std::min<int64_t>(MT_KC, k);
+  T* Ap = s.ap.get(static_cast<size_t>(mt * MR * KC));
+  T* Bp = s.bp.get(static_cast<size_t>(KC * NR));
+  T* Cw = s.cw.get(static_cast<size_t>(mt * nt * MR * NR));
+  I* Iw = ARG ? s.iw.get(static_cast<size_t>(mt * nt * MR * NR)) : nullptr;
+  std::fill(Cw, Cw + mt * nt * MR * NR, -std::numeric_limits<T>::infinity());
+  if (ARG) std::fill(Iw, Iw + mt * nt * MR * NR, I(0));
+  unsigned bad = 0;
+  for (int64_t p0 = 0; p0 < k; p0 += KC) {
+    const int64_t kc = std::min<int64_t>(KC, k - p0);
+    // pack A[i0:i1, p0:p0+kc] as [tile][p][r], zero rows past the edge
+    for (int64_t t = 0; t < mt; ++t) {
+      T* dst = Ap + t * kc * MR;
+      for (int r = 0; r < MR; ++r) {
+        const int64_t row = t * MR + r;
+        if (row < mb) {
+          const T* src = A + (i0 + row) * k + p0;
+          for (int64_t p = 0; p < kc; ++p) {
+            const T x = src[p];
+            bad |= nonfinite(x);
+            dst[p * MR + r] = x;
+          }
+        } else {
+          for (int64_t p = 0; p < kc; ++p) dst[p * MR + r] = T(0);
+        }
+      }
+    }
+    for (int64_t jt = 0; jt < nt; ++jt) {
+      // pack B[p0:p0+kc, j:j+NR] as [p][NR], zero columns past the edge
+      const int64_t j = j0 + jt * NR;
+      const int64_t w = std::min<int64_t>(NR, j1 - j);
+      for (int64_t p = 0; p < kc; ++p) {
+        const T* src = B + (p0 + p) * n + j;
+        T* dst = Bp + p * NR;
+        if (w == NR) {
+          for (int q = 0; q < NR; ++q) {
+            const T x = src[q];
+            bad |= nonfinite(x);
+            dst[q] = x;
+          }
+        } else {
+          for (int64_t q = 0; q < w; ++q) {
+            const T x = src[q];
+            bad |= nonfinite(x);
+            dst[q] = x;
+          }
+          for (int64_t q = w; q < NR; ++q) dst[q] = T(0);
+        }
+      }
+      for (int64_t it = 0; it < mt; ++it) {
+        const int64_t off = (it * nt + jt) * MR * NR;
+        micro<T, ARG, MR, NV>(Ap + it * kc * MR, Bp, kc, static_cast<I>(p0), Cw + off,
+                              ARG ? Iw + off : nullptr);
+      }
+    }
+  }
+  // unpack the valid part of the tiles
+  for (int64_t it = 0; it < mt; ++it)
+    for (int r = 0; r < MR; ++r) {
+      const int64_t row = it * MR + r;
+      if (row >= mb) break;
+      for (int64_t jt = 0; jt < nt; ++jt) {
+        const int64_t j = jt * NR;
+        const int64_t w = std::min<int64_t>(NR, nb - j);
+        const int64_t off = (it * nt + jt) * MR * NR + r * NR;
+        std::memcpy(C + (i0 + row) * n + j0 + j, Cw + off, static_cast<size_t>(w) * sizeof(T));
+        if (ARG) {
+          int64_t* dst = Cidx + (i0 + row) * n + j0 + j;
+          for (int64_t q = 0; q < w; ++q) dst[q] = static_cast<int64_t>(Iw[off + q]);
+        }
+      }
+    }
+  return bad != 0;
+}
+
+template <typename T, bool ARG>
+static bool run_all(const T* A, const T* B, T* C, int64_t* Cidx, int64_t nbatch, int64_t m,
+                    int64_t k, int64_t n) {
+  const int64_t mch = (m + MT_MC - 1) / MT_MC, nch = (n + MT_NC - 1) / MT_NC;
+  const int64_t ntask = nbatch * mch * nch;
+  std::atomic<bool> bad(false);
+  at::parallel_for(0, ntask, 1, [&](int64_t beg, int64_t end) {
+    Scratch<T> s;
+    bool local = false;
+    for (int64_t t = beg; t < end; ++t) {
+      const int64_t bi = t / (mch * nch), rem = t % (mch * nch);
+      const int64_t ic = rem / nch, jc = rem % nch;
+      const int64_t i0 = ic * MT_MC, i1 = std::min<int64_t>(m, i0 + MT_MC);
+      const int64_t j0 = jc * MT_NC, j1 = std::min<int64_t>(n, j0 + MT_NC);
+      local |= run_block<T, ARG>(A + bi * m * k, B + bi * k * n, C + bi * m * n,
+                                 ARG ? Cidx + bi * m * n : nullptr, k, n, i0, i1, j0, j1, s);
+    }
+    if (local) bad.store(true);
+  });
+  return bad.load();
+}
+
+}  // namespace
+
+// a: [B, m, k], b: [B, k, n], both contiguous, same dtype (float32/float64), k >= 1.
+// Returns (values [B, m, n], argmax [B, m, n] int64 or an empty tensor, saw_nonfinite_input).
+std::tuple<torch::Tensor, torch::Tensor, bool> max_times_cpu(torch::Tensor a, torch::Tensor b,
+                                                             bool argmax) {
+  TORCH_CHECK(a.dim() == 3 && b.dim() == 3, "max_times_cpu: expected 3-D inputs");
+  TORCH_CHECK(a.is_contiguous() && b.is_contiguous(), "max_times_cpu: expected contiguous inputs");
+  TORCH_CHECK(a.scalar_type() == b.scalar_type(), "max_times_cpu: dtype mismatch");
+  const int64_t nb = a.size(0), m = a.size(1), k = a.size(2), n = b.size(2);
+  TORCH_CHECK(b.size(0) == nb && b.size(1) == k, "max_times_cpu: shape mismatch");
+  TORCH_CHECK(k >= 1, "max_times_cpu: k must be >= 1");
+  TORCH_CHECK(k < (int64_t(1) << 31), "max_times_cpu: k too large");
+  auto c = torch::empty({nb, m, n}, a.options());
+  auto idx = argmax ? torch::empty({nb, m, n}, a.options().dtype(torch::kInt64))
+                    : torch::empty({0}, a.options().dtype(torch::kInt64));
+  if (nb == 0 || m == 0 || n == 0) return std::make_tuple(c, idx, false);
+  bool bad = false;
+  int64_t* ip = argmax ? idx.data_ptr<int64_t>() : nullptr;
+  if (a.scalar_type() == torch::kFloat32) {
+    const float* A = a.data_ptr<float>();
+    const float* B = b.data_ptr<float>();
+    float* C = c.data_ptr<float>();
+    bad = argmax ? run_all<float, true>(A, B, C, ip, nb, m, k, n)
+                 : run_all<float, false>(A, B, C, ip, nb, m, k, n);
+  } else if (a.scalar_type() == torch::kFloat64) {
+    const double* A = a.data_ptr<double>();
+    const double* B = b.data_ptr<double>();
+    double* C = c.data_ptr<double>();
+    bad = argmax ? run_all<double, true>(A, B, C, ip, nb, m, k, n)
+                 : run_all<double, false>(A, B, C, ip, nb, m, k, n);
+  } else {
+    TORCH_CHECK(false, "max_times_cpu: only float32 and float64 are supported");
+  }
+  return std::make_tuple(c, idx, bad);
+}
+"""
+
+_EXT_CFLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math"]
+# No -ffast-math: it would let the compiler assume there are no NaN/inf (breaking the NaN
+# bookkeeping) and rewrite the strict ``>`` compare that implements the tie rule.
+
+_ext_lock = threading.Lock()
+_ext_module = None  # the compiled module once built
+_ext_failed = False  # the build was tried and failed (warned once)
+_ext_build_seconds: float | None = None
+
+
+def _env_no_ext() -> bool:
+    return os.environ.get(NO_EXT_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _ext_build_dir() -> tuple[str, Path]:
+    key = "\n".join(
+        [
+            _CPP_SOURCE,
+            " ".join(_EXT_CFLAGS),
+            torch.__version__,
+            platform.python_version(),
+            platform.machine(),
+            _cpu_model(),
+        ]
+    )
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    name = f"inseq_semiring_maxtimes_{digest}"
+    return name, Path.home() / ".cache" / "inseq_semiring" / "ext" / name
+
+
+def _cpu_model() -> str:
+    # -march=native code must not be reused on another CPU sharing the same home directory.
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith(("model name", "flags", "Features")):
+                    return line.strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _load_ext():
+    """Build (first call) or load (later calls) the C++ extension; None if unavailable."""
+    global _ext_module, _ext_failed, _ext_build_seconds
+    if _ext_module is not None or _ext_failed:
+        return _ext_module
+    with _ext_lock:
+        if _ext_module is not None or _ext_failed:
+            return _ext_module
+        import time
+
+        t0 = time.perf_counter()
+        try:
+            from torch.utils.cpp_extension import load_inline
+
+            name, build_dir = _ext_build_dir()
+            build_dir.mkdir(parents=True, exist_ok=True)
+            _ext_module = load_inline(
+                name=name,
+                cpp_sources=[_CPP_SOURCE],
+                functions=["max_times_cpu"],
+                extra_cflags=list(_EXT_CFLAGS),
+                build_directory=str(build_dir),
+                verbose=False,
+            )
+        except Exception as exc:  # no compiler, no ninja, compile error, ...
+            _ext_failed = True
+            warnings.warn(
+                "inseq_semiring: could not build the C++ max-times kernel "
+                f"({type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else exc!r}); "
+                "falling back to the slower pure-PyTorch implementation. "
+                f"Set {NO_EXT_ENV}=1 to skip the build attempt.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            return None
+        _ext_build_seconds = time.perf_counter() - t0
+        return _ext_module
+
+
+def active_backend(device: str | torch.device = "cpu", *, build: bool = True) -> str:
+    """Which backend :func:`max_times` uses for float32/float64 tensors on ``device``.
+
+    Returns ``"cpp"`` (compiled kernel) or ``"torch"`` (pure-PyTorch fallback). For CPU, with
+    ``build=True`` (default) this builds/loads the extension if that has not happened yet, so the
+    answer is definitive; with ``build=False`` it reports ``"cpp"`` only if already loaded.
+    Other dtypes (float16, bfloat16, integers) always use the torch backend.
+    """
+    if torch.device(device).type != "cpu" or _env_no_ext():
+        return "torch"
+    if _ext_module is None and build:
+        _load_ext()
+    return "cpp" if _ext_module is not None else "torch"
+
+
+def extension_build_seconds() -> float | None:
+    """Seconds the first :func:`_load_ext` call of this process took (compile or cache load)."""
+    return _ext_build_seconds
+
+
+# ------------------------------------------------------------------------------------------
+# argument checking
+# ------------------------------------------------------------------------------------------
+
+
+def _check(a: Tensor, b: Tensor, fname: str) -> tuple[Tensor, Tensor]:
+    if not isinstance(a, Tensor) or not isinstance(b, Tensor):
+        raise TypeError(f"{fname}: a and b must be torch.Tensor, got {type(a).__name__} and {type(b).__name__}")
+    if a.dim() < 2 or b.dim() < 2:
+        raise ValueError(
+            f"{fname}: a and b must have at least 2 dims ([*batch, m, k] and [*batch, k, n]); "
+            f"got a.shape={tuple(a.shape)} and b.shape={tuple(b.shape)}"
+        )
+    if a.shape[:-2] != b.shape[:-2] or a.shape[-1] != b.shape[-2]:
+        raise ValueError(
+            f"{fname}: shape mismatch, a.shape={tuple(a.shape)} and b.shape={tuple(b.shape)}; "
+            "expected a=[*batch, m, k] and b=[*batch, k, n] with identical batch dims and the "
+            "same k (a.shape[-1] == b.shape[-2])"
+        )
+    if a.device != b.device:
+        raise ValueError(f"{fname}: a and b are on different devices ({a.device} and {b.device})")
+    if a.is_complex() or b.is_complex():
+        raise TypeError(f"{fname}: complex tensors have no order; got {a.dtype} and {b.dtype}")
+    if a.dtype != b.dtype:
+        dt = torch.promote_types(a.dtype, b.dtype)
+        a, b = a.to(dt), b.to(dt)
+    return a, b
+
+
+# ------------------------------------------------------------------------------------------
+# backends (inputs already checked; 3-D [B, m, k] x [B, k, n])
+# ------------------------------------------------------------------------------------------
+
+
+def _torch_backend(a: Tensor, b: Tensor, argmax: bool) -> tuple[Tensor, Tensor | None]:
+    """Chunked running max over k; the temporary [bc, mc, kc, n] stays under the byte budget."""
+    nb, m, k = a.shape
+    n = b.shape[-1]
+    esize = torch.empty((), dtype=a.dtype).element_size()
+    target = max(1, _TORCH_TARGET_BYTES // esize)  # elements per temporary
+    # k block first (fewest python iterations for a given temporary), then m, then batch
+    kc = max(1, min(k, target // max(1, nb * m * n)))
+    mc = max(1, min(m, target // max(1, nb * kc * n)))
+    bc = max(1, min(nb, target // max(1, mc * kc * n)))
+    out = torch.empty((nb, m, n), dtype=a.dtype, device=a.device)
+    idx = torch.empty((nb, m, n), dtype=torch.int64, device=a.device) if argmax else None
+    for b0 in range(0, nb, bc):
+        bs = slice(b0, b0 + bc)
+        for m0 in range(0, m, mc):
+            ms = slice(m0, m0 + mc)
+            run_v = run_i = None
+            for k0 in range(0, k, kc):
+                ks = slice(k0, k0 + kc)
+                prod = a[bs, ms, ks].unsqueeze(-1) * b[bs, ks, :].unsqueeze(-3)  # [bc, mc, kc, n]
+                if argmax:
+                    # torch.max(dim) returns the first maximal index (and a NaN with its index)
+                    v, i = prod.max(dim=-2)
+                    if run_v is None:
+                        run_v, run_i = v, i
+                    else:
+                        upd = v > run_v  # strict: ties keep the earlier (smaller) k
+                        if v.is_floating_point():
+                            upd |= torch.isnan(v) & ~torch.isnan(run_v)
+                        run_v = torch.where(upd, v, run_v)
+                        run_i = torch.where(upd, i + k0, run_i)
+                else:
+                    v = prod.amax(dim=-2)
+                    run_v = v if run_v is None else torch.maximum(run_v, v)  # NaN-propagating
+                del prod
+            out[bs, ms] = run_v
+            if argmax:
+                idx[bs, ms] = run_i
+    return out, idx
+
+
+def _nan_fixup(a: Tensor, b: Tensor, out: Tensor) -> None:
+    """Set to NaN every output whose reduction contains a NaN product (the C++ kernel skips them).
+
+    A product a[i,k] * b[k,j] is NaN iff a factor is NaN, or one is +-inf and the other is 0.
+    """
+    nan_a = torch.isnan(a)
+    nan_b = torch.isnan(b)
+    mask = nan_a.any(-1).unsqueeze(-1) | nan_b.any(-2).unsqueeze(-2)
+    inf_a = torch.isinf(a)
+    inf_b = torch.isinf(b)
+    if bool(inf_a.any()) or bool(inf_b.any()):
+        f = torch.float32
+        # counts of (inf, 0) pairs per output; a sum of non-negative terms is > 0 iff one is 1
+        pairs = torch.bmm(inf_a.to(f), (b == 0).to(f)) + torch.bmm((a == 0).to(f), inf_b.to(f))
+        mask |= pairs > 0
+    out.masked_fill_(mask, float("nan"))
+
+
+def _cpp_backend(ext, a: Tensor, b: Tensor, argmax: bool) -> tuple[Tensor, Tensor | None]:
+    out, idx, nonfinite = ext.max_times_cpu(a, b, argmax)
+    if nonfinite:
+        _nan_fixup(a, b, out)
+    return out, (idx if argmax else None)
+
+
+def _use_cpp(a: Tensor) -> object | None:
+    if a.device.type != "cpu" or a.dtype not in _EXT_DTYPES or _env_no_ext():
+        return None
+    if a.shape[-1] >= 2**31:
+        return None
+    return _load_ext()
+
+
+def _max_times_impl(a: Tensor, b: Tensor, argmax: bool, fname: str, backend: str | None, negate: bool):
+    a, b = _check(a, b, fname)
+    batch = a.shape[:-2]
+    m, k = a.shape[-2:]
+    n = b.shape[-1]
+    with torch.no_grad():
+        if k == 0:  # empty max (min): the semiring zero, no winner
+            if a.is_floating_point():
+                fill = float("inf") if negate else float("-inf")
+            else:
+                info = torch.iinfo(a.dtype)
+                fill = info.max if negate else info.min
+            out = torch.full((*batch, m, n), fill, dtype=a.dtype, device=a.device)
+            idx = torch.full((*batch, m, n), -1, dtype=torch.int64, device=a.device)
+            return (out, idx) if argmax else out
+        if negate:  # min_k a*b == -max_k (-a)*b, exactly (negation is exact)
+            a = -a
+        a3 = a.reshape(-1, m, k).contiguous()
+        b3 = b.reshape(-1, k, n).contiguous()
+        if backend is None:
+            ext = _use_cpp(a3)
+        elif backend == "cpp":
+            ext = _load_ext() if a3.device.type == "cpu" and a3.dtype in _EXT_DTYPES else None
+            if ext is None:
+                raise RuntimeError(f"{fname}: the C++ backend is not available for {a3.device}/{a3.dtype}")
+        elif backend == "torch":
+            ext = None
+        else:
+            raise ValueError(f"{fname}: backend must be None, 'cpp' or 'torch', got {backend!r}")
+        if ext is not None:
+            out, idx = _cpp_backend(ext, a3, b3, argmax)
+        else:
+            out, idx = _torch_backend(a3, b3, argmax)
+        out = out.reshape(*batch, m, n)
+        if negate:
+            out = out.neg_()
+        if argmax:
+            return out, idx.reshape(*batch, m, n)
+        return out
+
+
+def max_times(a: Tensor, b: Tensor, *, argmax: bool = False, _backend: str | None = None):
+    """(max, x) semiring matrix product: ``C[..., i, j] = max_k a[..., i, k] * b[..., k, j]``.
+
+    Args:
+        a: ``[*batch, m, k]``.
+        b: ``[*batch, k, n]`` with the same batch dims as ``a`` (or both 2-D). Different dtypes
+            are promoted (``torch.promote_types``); both must be on the same device.
+        argmax: also return the int64 index ``k*`` of the winning term, shape ``[*batch, m, n]``.
+
+    Returns:
+        ``C`` (``[*batch, m, n]``, dtype of the inputs) or ``(C, index)`` when ``argmax=True``.
+
+    Ties break to the SMALLEST ``k`` (only a strictly greater product replaces the running
+    winner). Values may have any sign: this is a plain max of products, not of ``abs`` values.
+    Products are ordinary float products (``inf * 0`` is NaN); a NaN product makes the output
+    NaN (the index there is unspecified). ``k == 0`` gives ``-inf`` and index ``-1``.
+    Never builds the ``[*batch, m, k, n]`` temporary. Not differentiable (runs under no_grad).
+    Raises ValueError naming both shapes if they do not fit together.
+
+    ``_backend`` (``None``/``"cpp"``/``"torch"``) overrides the automatic backend choice; it is
+    for tests and benchmarks.
+    """
+    return _max_times_impl(a, b, argmax, "max_times", _backend, negate=False)
+
+
+def min_times(a: Tensor, b: Tensor, *, argmax: bool = False, _backend: str | None = None):
+    """(min, x) product: ``C[..., i, j] = min_k a[..., i, k] * b[..., k, j]``.
+
+    Computed as ``-max_times(-a, b)`` (negation is exact, so ``(-a)*b == -(a*b)``); same shape
+    rules, same tie rule (ties break to the SMALLEST ``k``), same NaN rule; ``k == 0`` gives
+    ``+inf`` and index ``-1``.
+    """
+    return _max_times_impl(a, b, argmax, "min_times", _backend, negate=True)

@@ -1,0 +1,174 @@
+"""The closed vocabulary of local Jacobians, shared by rules (which build them) and semirings (which pull through them).
+
+Notation: an operator maps an input tensor ``x`` (one argument) to an output tensor ``y``; ``J[i, j] = dy_i/dx_j``
+at the forward values. A pull turns the output's value ``a`` (the adjoint, indexed by output elements) into the
+input's value: ``a'_j = (+)_i a_i (x) edge(J[i, j])`` over the edges that structurally exist. Each kind says which
+edges exist and carries their weights without ever materialising a dense Jacobian. Rules never see a semiring.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+
+def _flat_to_index(flat: int, shape) -> tuple[int, ...]:
+    idx = []
+    for size in reversed(tuple(shape)):
+        idx.append(flat % size)
+        flat //= size
+    return tuple(reversed(idx))
+
+
+@dataclass(frozen=True, eq=False)
+class Pointwise:
+    """``y_i`` depends on ``x_{b(i)}`` only, with weight ``weight_i``; ``x`` broadcasts to ``y`` (``b`` = broadcast).
+
+    Covers unary ops (diagonal Jacobian) and broadcasting binary ops. ``weight`` broadcasts to ``out_shape``.
+    """
+
+    weight: Tensor
+    in_shape: torch.Size
+    out_shape: torch.Size
+
+    def map_weights(self, f: Callable[[Tensor], Tensor]) -> "Pointwise":
+        return Pointwise(f(self.weight), self.in_shape, self.out_shape)
+
+    def entry(self, j: int, i: int) -> float:
+        return float(self.weight.expand(self.out_shape).reshape(-1)[i])
+
+
+@dataclass(frozen=True, eq=False)
+class Reduction:
+    """``x_j`` feeds exactly one output, ``y_{r(j)}``, with weight ``weight_j`` (``sum``/``mean`` over ``dims``).
+
+    ``weight`` broadcasts to ``in_shape``; ``dims`` are non-negative and sorted.
+    """
+
+    weight: Tensor
+    dims: tuple[int, ...]
+    keepdim: bool
+    in_shape: torch.Size
+    out_shape: torch.Size
+
+    def map_weights(self, f: Callable[[Tensor], Tensor]) -> "Reduction":
+        return Reduction(f(self.weight), self.dims, self.keepdim, self.in_shape, self.out_shape)
+
+    def expand_out(self, a: Tensor) -> Tensor:
+        """View an output-shaped tensor as input-shaped (each input element sees its one output)."""
+        lead = a.dim() - len(self.out_shape)  # leading component dims, if any
+        if not self.keepdim:
+            for d in self.dims:
+                a = a.unsqueeze(lead + d)
+        return a.expand(*a.shape[:lead], *self.in_shape)
+
+    def out_index(self) -> Tensor:
+        """For every input element, the flat index of the output element it feeds."""
+        return self.expand_out(torch.arange(_numel(self.out_shape)).reshape(self.out_shape))
+
+    def entry(self, j: int, i: int) -> float:
+        return float(self.weight.expand(self.in_shape).reshape(-1)[j])
+
+
+@dataclass(frozen=True, eq=False)
+class IndexMap:
+    """``y_i = x_{index_i}`` with weight 1, or no edge where ``index_i == -1`` (views, slices, cat, gather, ...)."""
+
+    index: Tensor  # int64, out_shape
+    in_shape: torch.Size
+    weight: float = 1.0  # 1 for the structural edge; a semiring may map it (e.g. -1 log 1 = 0)
+
+    @property
+    def out_shape(self) -> torch.Size:
+        return self.index.shape
+
+    def map_weights(self, f: Callable[[Tensor], Tensor]) -> "IndexMap":
+        return IndexMap(self.index, self.in_shape, float(f(torch.tensor(self.weight, dtype=torch.float64))))
+
+    def entry(self, j: int, i: int) -> float:
+        return self.weight
+
+
+@dataclass(frozen=True, eq=False)
+class MatMul:
+    """A (batched) matrix product seen from one factor; ``weight`` holds the local derivatives (``alpha`` folded in).
+
+    ``left`` (argument ``x`` is the left factor, ``y = x @ B``): ``a' = a @ weight`` with ``weight = B^T``
+    (``[*, n, k]``), i.e. the edge ``x[r, k] -> y[r, c]`` weighs ``weight[c, k]``.
+    Right factor (``y = A @ x``): ``a' = weight @ a`` with ``weight = A^T`` (``[*, k, m]``), i.e. the edge
+    ``x[k, c] -> y[r, c]`` weighs ``weight[k, r]``.
+    """
+
+    weight: Tensor
+    left: bool
+    in_shape: torch.Size
+    out_shape: torch.Size
+
+    def map_weights(self, f: Callable[[Tensor], Tensor]) -> "MatMul":
+        return MatMul(f(self.weight), self.left, self.in_shape, self.out_shape)
+
+    def entry(self, j: int, i: int) -> float:
+        jj = _flat_to_index(j, self.in_shape)
+        ii = _flat_to_index(i, self.out_shape)
+        batch = ii[:-2] if self.weight.dim() > 2 else ()
+        if self.left:
+            return float(self.weight[(*batch, ii[-1], jj[-1])])
+        return float(self.weight[(*batch, jj[-2], ii[-2])])
+
+
+@dataclass(frozen=True, eq=False)
+class RowDense:
+    """Every row (last dim, length n) of ``y`` depends densely on the same row of ``x``:
+    ``J_row = diag(d) + sum_r u_r v_r^T``, i.e. ``dy_i/dx_j = d_i [i = j] + sum_r u_r[i] v_r[j]``
+    (softmax: rank 1, log-softmax: rank 1, layer norm: rank 2). Shapes: ``d`` [*rows, n], ``u``/``v`` [r, *rows, n].
+    ``entry_map`` (optional) transforms the dense entries when a semiring needs ``|J|`` etc.
+    """
+
+    d: Tensor
+    u: Tensor
+    v: Tensor
+    entry_map: Callable[[Tensor], Tensor] | None = None
+
+    @property
+    def in_shape(self) -> torch.Size:
+        return self.d.shape
+
+    out_shape = in_shape
+
+    def map_weights(self, f: Callable[[Tensor], Tensor]) -> "RowDense":
+        g = f if self.entry_map is None else (lambda t, _g=self.entry_map: f(_g(t)))
+        return RowDense(self.d, self.u, self.v, g)
+
+    def dense(self, rows: Tensor, outs: Tensor | None = None) -> Tensor:
+        """``J`` for the flat row indices ``rows``: [len(rows), n_out, n] (``outs``: restrict output positions)."""
+        n = self.d.shape[-1]
+        d = self.d.reshape(-1, n)[rows]
+        u = self.u.reshape(self.u.shape[0], -1, n)[:, rows]
+        v = self.v.reshape(self.v.shape[0], -1, n)[:, rows]
+        if outs is None:
+            jac = torch.diag_embed(d) + torch.einsum("rbi,rbj->bij", u, v)
+        else:
+            eye = (outs[:, None] == torch.arange(n, device=d.device)[None, :]).to(d.dtype)
+            jac = d[:, outs, None] * eye + torch.einsum("rbi,rbj->bij", u[:, :, outs], v)
+        return jac if self.entry_map is None else self.entry_map(jac)
+
+    def entry(self, j: int, i: int) -> float:
+        n = self.d.shape[-1]
+        row, ci, cj = i // n, i % n, j % n
+        if j // n != row:
+            return 0.0
+        jac = self.dense(torch.tensor([row], device=self.d.device), torch.tensor([ci], device=self.d.device))
+        return float(jac[0, 0, cj])
+
+
+Kind = Pointwise | Reduction | IndexMap | MatMul | RowDense
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n

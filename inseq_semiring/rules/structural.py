@@ -1,0 +1,103 @@
+"""Weight-1 operators: every output element is a copy of at most one input element.
+
+One generic rule serves them all: run the operator on an index tensor (``arange`` in place of the argument,
+``-1`` in place of the other floating arguments) and read off, for every output element, which input element it
+copies. Casts (``_to_copy``) and ``copy`` keep their shapes and are pointwise weight-1 edges instead.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..graph.tape import OpRecord
+from .jacobians import IndexMap, Pointwise
+from .registry import Edge, constant_op, rule
+
+aten = torch.ops.aten
+
+INDEX_OPS = [
+    aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.alias.default,
+    aten.permute.default, aten.transpose.int, aten.t.default, aten.expand.default,
+    aten.unsqueeze.default, aten.squeeze.default, aten.squeeze.dim, aten.squeeze.dims,
+    aten.slice.Tensor, aten.select.int, aten.narrow.default, aten.cat.default, aten.stack.default,
+    aten.split.Tensor, aten.split_with_sizes.default, aten.unbind.int, aten.chunk.default,
+    aten.clone.default, aten.contiguous.default if hasattr(aten, "contiguous") else aten.clone.default,
+    aten.index_select.default, aten.gather.default, aten.index.Tensor, aten.embedding.default,
+    aten.repeat.default, aten.flip.default, aten.roll.default, aten.unfold.default, aten.diagonal.default,
+    aten.movedim.int, aten.constant_pad_nd.default, aten.as_strided.default, aten.unflatten.int,
+    aten.flatten.using_ints, aten.expand_as.default, aten.view_as.default, aten.repeat_interleave.self_int,
+]
+
+
+def _floating(x) -> bool:
+    return isinstance(x, torch.Tensor) and x.is_floating_point()
+
+
+def _index_tensor(t: torch.Tensor) -> torch.Tensor:
+    idx = torch.arange(t.numel(), device=t.device).reshape(t.shape)
+    if t.dim() and not t.is_contiguous():  # keep the argument's strides: as_strided and friends read them
+        try:
+            strided = torch.empty_strided(t.shape, t.stride(), dtype=torch.long, device=t.device)
+            strided.copy_(idx)
+            return strided
+        except RuntimeError:
+            pass
+    return idx
+
+
+def _index_call(rec: OpRecord, leaf: int) -> list:
+    """Run ``rec.op`` with leaf ``leaf`` replaced by its element indices; other floating arguments by -1."""
+    from torch.utils._pytree import tree_flatten, tree_unflatten
+
+    flat, spec = tree_flatten((rec.args, rec.kwargs))
+    subst = []
+    for i, x in enumerate(flat):
+        if i == leaf:
+            subst.append(_index_tensor(rec.leaves[i]))
+        elif _floating(x):
+            subst.append(torch.full(x.shape, -1, dtype=torch.long, device=x.device))
+        else:
+            subst.append(x)
+    if rec.op is aten.constant_pad_nd.default:  # padding value of the index map: "no input"
+        args, kwargs = tree_unflatten(subst, spec)
+        args = (args[0], args[1], -1)
+        out = rec.op(*args, **kwargs)
+    else:
+        args, kwargs = tree_unflatten(subst, spec)
+        out = rec.op(*args, **kwargs)
+    return tree_flatten(out)[0]
+
+
+@rule(*INDEX_OPS)
+def index_map(rec: OpRecord):
+    edges = []
+    for leaf, tid in enumerate(rec.leaf_ids):
+        if tid is None:
+            continue
+        shape = rec.leaves[leaf].shape
+        for slot, idx in enumerate(_index_call(rec, leaf)):
+            if rec.output_ids[slot] is not None:
+                edges.append(Edge(slot, leaf, IndexMap(idx.long(), shape)))
+    return edges
+
+
+@rule(aten._to_copy.default, aten.lift_fresh_copy.default)
+def cast(rec: OpRecord):
+    x = rec.leaves[0]
+    return [Edge(0, 0, Pointwise(torch.ones((), dtype=x.dtype, device=x.device), x.shape, rec.outputs[0].shape))]
+
+
+@rule(aten.copy.default)
+def copy(rec: OpRecord):
+    """``copy(self, src)``: the result holds ``src`` broadcast to ``self``'s shape; ``self``'s old values are gone."""
+    src, out = rec.leaves[1], rec.outputs[0]
+    if not rec.is_node(1):
+        return []
+    return [Edge(0, 1, Pointwise(torch.ones((), dtype=out.dtype, device=out.device), src.shape, out.shape))]
+
+
+constant_op(
+    aten.detach, aten.zeros_like, aten.ones_like, aten.empty_like, aten.full_like, aten.rand_like, aten.randn_like,
+    aten.new_zeros, aten.new_ones, aten.new_empty, aten.new_full, aten.fill_, aten.zero_, aten.sign, aten.floor,
+    aten.ceil, aten.round, aten.trunc, aten.bernoulli, aten.empty_strided, aten.new_empty_strided,
+)

@@ -1,0 +1,248 @@
+"""What a semiring is to the traversal, and the pulls shared by semirings whose inner sum is ``+`` or ``max``.
+
+A semiring object owns all arithmetic on its values (one value per node tensor; its layout is the semiring's
+business). The traversal calls only::
+
+    seed(root)                     the value of the root (the semiring's one)
+    pull(kind, value, origin)      the value an input receives through one edge kind (inner (+) over outputs)
+    plus_within(a, b)              combine two pulls into the same input tensor inside one operator
+    plus(a, b)                     combine the values coming from different consumer operators
+    finalize(value, like)          the user-facing tensor (e.g. H = U/Z + log Z)
+
+``pull`` dispatches on the kind's class name: a semiring implements ``pull_pointwise``, ``pull_reduction``,
+``pull_indexmap``, ``pull_matmul`` and ``pull_rowdense``. The helpers below implement those pulls once for the
+(+, x) case (:func:`linear_pull`) and the (max, x) case (:func:`max_pull`); semirings compose them.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..kernels.maxtimes import max_times
+from ..rules.jacobians import IndexMap, MatMul, Pointwise, Reduction, RowDense
+
+#: Target number of elements of a dense temporary (row-dense chunks, masked max products).
+CHUNK_ELEMENTS = 1 << 22
+
+
+class Semiring:
+    name = "semiring"
+
+    def pull(self, kind, value, origin):
+        return getattr(self, "pull_" + type(kind).__name__.lower())(kind, value, origin)
+
+    def plus_within(self, a, b):
+        return self.plus(a, b)
+
+
+# -- shape helpers ----------------------------------------------------------------------------------------------
+
+def _broadcast_dims(in_shape, out_shape) -> tuple[list[int], int]:
+    """Dims of ``out_shape`` that ``in_shape`` was broadcast along, and the number of leading extra dims."""
+    lead = len(out_shape) - len(in_shape)
+    dims = list(range(lead))
+    for d, size in enumerate(in_shape):
+        if size == 1 and out_shape[lead + d] != 1:
+            dims.append(lead + d)
+    return dims, lead
+
+
+def sum_to_shape(x: Tensor, shape) -> Tensor:
+    """Sum a broadcast result back to the argument's shape (the (+) reduction of a broadcast)."""
+    if tuple(x.shape) == tuple(shape):
+        return x
+    dims, lead = _broadcast_dims(shape, x.shape)
+    out = x.sum(dim=dims, keepdim=True) if dims else x
+    return out.reshape(shape) if lead or dims else out
+
+
+def amax_to_shape(x: Tensor, shape, largest: bool = True) -> tuple[Tensor, Tensor]:
+    """Max (or min) of a broadcast result over the broadcast dims, with the flat index into ``x`` of the winner.
+
+    Ties: the smallest flat index wins (``torch.max`` returns the first occurrence on CPU and CUDA for our layout,
+    which we make explicit by reducing one flattened dim).
+    """
+    out_shape = x.shape
+    flat_index = torch.arange(x.numel(), device=x.device).reshape(out_shape)
+    if tuple(out_shape) == tuple(shape):
+        return x, flat_index
+    dims, _ = _broadcast_dims(shape, out_shape)
+    keep = [d for d in range(len(out_shape)) if d not in dims]
+    perm = keep + dims
+    xp = x.permute(perm).reshape(*[out_shape[d] for d in keep], -1)
+    ip = flat_index.permute(perm).reshape(*[out_shape[d] for d in keep], -1)
+    best, arg = _first_extreme(xp, largest)
+    idx = ip.gather(-1, arg.unsqueeze(-1)).squeeze(-1)
+    return best.reshape(shape), idx.reshape(shape)
+
+
+def _first_extreme(x: Tensor, largest: bool) -> tuple[Tensor, Tensor]:
+    """Max/min over the last dim; the first (smallest-index) position among ties, stated rather than assumed."""
+    best = x.amax(-1) if largest else x.amin(-1)
+    hit = x == best.unsqueeze(-1)
+    n = x.shape[-1]
+    pos = torch.where(hit, torch.arange(n, device=x.device), n).amin(-1)
+    pos = pos.clamp(max=n - 1)  # all-NaN rows: index 0 (NaN inputs are rejected upstream)
+    return best, pos
+
+
+# -- (+, x) pulls -----------------------------------------------------------------------------------------------
+
+def linear_pull(kind, a: Tensor) -> Tensor:
+    """``a'_j = sum_i a_i J[i, j]`` for any kind, with the kind's weights as they are."""
+    if isinstance(kind, Pointwise):
+        return sum_to_shape(a * kind.weight, kind.in_shape)
+    if isinstance(kind, Reduction):
+        return kind.expand_out(a) * kind.weight
+    if isinstance(kind, IndexMap):
+        out = a.new_zeros(_numel(kind.in_shape))
+        if kind.weight != 0:
+            index, valid = kind.index.reshape(-1), kind.index.reshape(-1) >= 0
+            src = a.reshape(-1)
+            if not bool(valid.all()):
+                index, src = index[valid], src[valid]
+            out.index_add_(0, index, src)
+            if kind.weight != 1:
+                out = out * kind.weight
+        return out.reshape(kind.in_shape)
+    if isinstance(kind, MatMul):
+        if kind.left:
+            if a.dim() == 2 and kind.weight.dim() == 2:  # skip rows that carry nothing (e.g. an LM head root)
+                rows = (a != 0).any(-1)
+                n_active = int(rows.sum())
+                if n_active < a.shape[0]:
+                    out = a.new_zeros(a.shape[0], kind.weight.shape[-1])
+                    if n_active:
+                        out[rows] = a[rows] @ kind.weight
+                    return out
+            return a @ kind.weight
+        return kind.weight @ a
+    if isinstance(kind, RowDense):
+        return _rowdense_linear(kind, a)
+    raise TypeError(f"unknown Jacobian kind {type(kind).__name__}")
+
+
+def _rowdense_linear(kind: RowDense, a: Tensor) -> Tensor:
+    if kind.entry_map is None:  # diag + low rank, O(n r) per row
+        s = (a.unsqueeze(0) * kind.u).sum(-1, keepdim=True)  # [r, *rows, 1]
+        return a * kind.d + (s * kind.v).sum(0)
+    n = kind.d.shape[-1]
+    flat = a.reshape(-1, n)
+    out = torch.zeros_like(flat)
+    rows = (flat != 0).any(-1).nonzero().flatten()
+    for sel, outs, jac in _dense_chunks(kind, flat, rows):
+        out[sel] = torch.bmm(flat[sel][:, outs].unsqueeze(1), jac).squeeze(1)
+    return out.reshape(a.shape)
+
+
+# -- (max, x) pulls on non-negative values --------------------------------------------------------------------
+
+def max_pull(kind, a: Tensor) -> tuple[Tensor, Tensor]:
+    """``a'_j = max_i a_i J[i, j]`` and the flat output index ``i*`` of the winner (values and weights >= 0 are
+    expected: the caller maps weights to ``|w|``). Ties: the smallest output index."""
+    if isinstance(kind, Pointwise):
+        return amax_to_shape(a * kind.weight, kind.in_shape)
+    if isinstance(kind, Reduction):
+        return kind.expand_out(a) * kind.weight, kind.out_index().to(a.device)
+    if isinstance(kind, IndexMap):
+        return _scatter_max(kind, a * kind.weight if kind.weight != 1 else a)
+    if isinstance(kind, MatMul):
+        return _matmul_max(kind, a)
+    if isinstance(kind, RowDense):
+        return _rowdense_max(kind, a)
+    raise TypeError(f"unknown Jacobian kind {type(kind).__name__}")
+
+
+def _scatter_max(kind: IndexMap, a: Tensor, largest: bool = True, empty: float = 0.0) -> tuple[Tensor, Tensor]:
+    n_in = _numel(kind.in_shape)
+    index = kind.index.reshape(-1)
+    src = a.reshape(-1)
+    out_pos = torch.arange(src.numel(), device=a.device)
+    valid = index >= 0
+    if not bool(valid.all()):
+        index, src, out_pos = index[valid], src[valid], out_pos[valid]
+    best = a.new_full((n_in,), empty)
+    best.scatter_reduce_(0, index, src, reduce="amax" if largest else "amin", include_self=False)
+    win = src == best[index]
+    arg = torch.full((n_in,), -1, dtype=torch.long, device=a.device)
+    if win.any():
+        fill = torch.full((n_in,), src.numel(), dtype=torch.long, device=a.device)
+        fill.scatter_reduce_(0, index[win], out_pos[win], reduce="amin", include_self=True)
+        arg = torch.where(fill < src.numel(), fill, arg)
+    return best.reshape(kind.in_shape), arg.reshape(kind.in_shape)
+
+
+def _out_flat(batch_rows_cols: tuple[Tensor, Tensor, Tensor], out_shape) -> Tensor:
+    b, r, c = batch_rows_cols
+    m, n = out_shape[-2], out_shape[-1]
+    return (b * m + r) * n + c
+
+
+def _matmul_max(kind: MatMul, a: Tensor) -> tuple[Tensor, Tensor]:
+    w, (m, n) = kind.weight, kind.out_shape[-2:]
+    if kind.left and w.dim() == 2:  # shared weight: every leading row is independent
+        rows = a.reshape(-1, n)
+        vals, col = _rows_active_max(rows, w)
+        idx = torch.arange(rows.shape[0], device=a.device).unsqueeze(-1) * n + col
+        return vals.reshape(kind.in_shape), idx.reshape(kind.in_shape)
+    a3 = a.reshape(-1, m, n)
+    w3 = w.reshape(-1, *w.shape[-2:]).expand(a3.shape[0], -1, -1) if w.dim() > 2 else w.expand(a3.shape[0], -1, -1)
+    b = torch.arange(a3.shape[0], device=a.device).view(-1, 1, 1)
+    if kind.left:  # a' [B, m, k] = max_c a[B, m, c] w[B, c, k]
+        vals, col = max_times(a3, w3, argmax=True)
+        idx = (b * m + torch.arange(m, device=a.device).view(1, -1, 1)) * n + col
+    else:  # a' [B, k, n] = max_r w[B, k, r] a[B, r, n]
+        vals, row = max_times(w3, a3, argmax=True)
+        idx = (b * m + row) * n + torch.arange(n, device=a.device).view(1, 1, -1)
+    return vals.reshape(kind.in_shape), idx.reshape(kind.in_shape)
+
+
+def _rows_active_max(a: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
+    """2-D max-times that skips rows of ``a`` that are entirely zero."""
+    rows = (a != 0).any(-1)
+    n_active = int(rows.sum())
+    if n_active == a.shape[0]:
+        return max_times(a, w, argmax=True)
+    vals = a.new_zeros(a.shape[0], w.shape[-1])
+    arg = torch.zeros(a.shape[0], w.shape[-1], dtype=torch.long, device=a.device)
+    if n_active:
+        v, i = max_times(a[rows], w, argmax=True)
+        vals[rows], arg[rows] = v, i
+    return vals, arg
+
+
+def _rowdense_max(kind: RowDense, a: Tensor) -> tuple[Tensor, Tensor]:
+    n = kind.d.shape[-1]
+    flat = a.reshape(-1, n)
+    out = torch.zeros_like(flat)
+    row_of = torch.arange(flat.shape[0], device=a.device).unsqueeze(-1) * n
+    arg = (row_of + torch.arange(n, device=a.device)).clone()  # default: the diagonal edge
+    rows = (flat != 0).any(-1).nonzero().flatten()
+    for sel, outs, jac in _dense_chunks(kind, flat, rows):
+        cand = flat[sel][:, outs].unsqueeze(-1) * jac  # [c, k, n]
+        best, pos = _first_extreme(cand.transpose(1, 2), True)  # over outputs
+        out[sel] = best
+        arg[sel] = sel.unsqueeze(-1) * n + outs[pos]
+    return out.reshape(a.shape), arg.reshape(a.shape)
+
+
+def _dense_chunks(kind: RowDense, flat: Tensor, rows: Tensor):
+    """Yield (rows, active output positions, mapped dense Jacobian [c, k, n]) in bounded chunks."""
+    n = flat.shape[-1]
+    if rows.numel() == 0:
+        return
+    active_cols = (flat[rows] != 0).any(0).nonzero().flatten()
+    k = active_cols.numel()
+    outs = active_cols if k < n else torch.arange(n, device=flat.device)
+    step = max(1, CHUNK_ELEMENTS // max(1, outs.numel() * n))
+    for start in range(0, rows.numel(), step):
+        sel = rows[start:start + step]
+        yield sel, outs, kind.dense(sel, outs if k < n else None)
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n

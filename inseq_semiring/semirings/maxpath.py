@@ -1,0 +1,278 @@
+"""Highest-weighted gradient path: the (max, x) semiring, absolute or signed, at scalar or tensor granularity.
+
+* ``sign="abs"`` (default): ``M(u) = max over out-edges u->v of |w| M(v)``, ``M(root) = 1``: the largest ``|prod w|``
+  over the paths from ``u`` to the root. Values are >= 0 and 0 is the semiring zero.
+* ``sign="positive"`` / ``"negative"``: track the largest (``M+``) and smallest (``M-``) *signed* path product;
+  an edge ``w`` offers ``w M+(v)`` and ``w M-(v)`` to both (so negative edges swap them), every structural edge
+  offers its candidate even when ``w = 0``; elements with no path to the root are absent (-inf / +inf).
+  ``finalize`` returns ``M+`` for "positive" and ``M-`` for "negative".
+* ``granularity="tensor"``: the paper's code. Inside an operator the candidates are *summed* (an ordinary
+  vector-Jacobian product of ``M+`` and ``M-``, then ``M+ = max``, ``M- = min`` of the two); only where a tensor
+  fans out to several consumer operators is the max taken. Absent values are 0 there, as in a plain VJP.
+
+Values are kept as ``m * exp(log_scale)`` with a per-tensor scale (max-times is scale-equivariant).
+
+Back-pointers (``backpointers=True``): for every element, the edge its best value came through, as two integer
+tensors: ``code = record << 20 | output slot << 10 | argument leaf`` and the flat index of the output element
+(scalar granularity; -1 at tensor granularity, where only the winning consumer is kept; -1 code: no path).
+Tie rule, stated once: inside an operator the smallest output flat index wins; across consumer operators the
+value accumulated first wins, i.e. the consumer that ran *last* in the forward pass; ``M+`` over ``M-`` candidates.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+from torch import Tensor
+
+from ..errors import InvalidInputError
+from ..kernels.maxtimes import max_times, min_times
+from ..rules.jacobians import IndexMap, MatMul, Pointwise, Reduction, RowDense
+from .base import Semiring, _dense_chunks, _first_extreme, _scatter_max, amax_to_shape, linear_pull, max_pull
+from .scaled import abs_weight
+
+SIGNS = ("abs", "positive", "negative")
+GRANULARITIES = ("scalar", "tensor")
+NO_PATH = -1
+
+
+def encode_origin(origin: tuple[int, int, int]) -> int:
+    rec, out, leaf = origin
+    return (rec << 20) | (out << 10) | leaf
+
+
+def decode_origin(code: int) -> tuple[int, int, int]:
+    return code >> 20, (code >> 10) & 1023, code & 1023
+
+
+@dataclass(frozen=True)
+class MaxValue:
+    hi: Tensor
+    lo: Tensor | None
+    log_scale: Tensor
+    hi_src: tuple[Tensor, Tensor] | None = None
+    lo_src: tuple[Tensor, Tensor] | None = None
+    raw: bool = False  # tensor granularity: an un-swapped VJP sum
+
+
+class MaxPath(Semiring):
+    name = "maxpath"
+
+    def __init__(self, sign: str = "abs", granularity: str = "scalar", backpointers: bool = False):
+        if sign not in SIGNS:
+            raise InvalidInputError(f"sign={sign!r} is not one of {SIGNS}", where="maxpath semiring",
+                                    fix="pass sign='abs', 'positive' or 'negative'")
+        if granularity not in GRANULARITIES:
+            raise InvalidInputError(f"granularity={granularity!r} is not one of {GRANULARITIES}",
+                                    where="maxpath semiring", fix="pass granularity='scalar' or 'tensor'")
+        self.sign, self.granularity, self.backpointers = sign, granularity, backpointers
+        self.signed = sign != "abs"
+        self.scalar = granularity == "scalar"
+
+    # -- seeds, finalisation ----------------------------------------------------------------------------------
+    def seed(self, root: Tensor) -> MaxValue:
+        one = torch.ones_like(root)
+        zero = torch.zeros((), dtype=torch.float64, device=root.device)
+        src = (torch.full(root.shape, NO_PATH, dtype=torch.long, device=root.device),) * 2 if self.backpointers else None
+        return MaxValue(one, one.clone() if self.signed else None, zero, src, src if self.signed else None)
+
+    def finalize(self, value: MaxValue | None, like: Tensor) -> Tensor:
+        if value is None:
+            return torch.zeros_like(like)
+        value = self._settle(value)
+        m = value.lo if self.sign == "negative" else value.hi
+        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # no path: 0
+        return (m.double() * torch.exp(value.log_scale)).to(like.dtype)
+
+    # -- the traversal's interface ----------------------------------------------------------------------------
+    def pull(self, kind, value: MaxValue, origin) -> MaxValue:
+        value = self._settle(value)
+        if not self.scalar:
+            return self._pull_vjp(kind, value, origin)
+        if not self.signed:
+            m, idx = max_pull(kind.map_weights(abs_weight), value.hi)
+            return self._make(m, None, value.log_scale, idx, None, origin)
+        hi, hi_idx, lo, lo_idx = _signed_pull(kind, value.hi, value.lo)
+        return self._make(hi, lo, value.log_scale, hi_idx, lo_idx, origin)
+
+    def plus_within(self, a: MaxValue, b: MaxValue) -> MaxValue:
+        if self.scalar:
+            return self.plus(a, b)
+        fa, fb, top = _align(a, b)  # tensor granularity: the VJP sums inside an operator
+        lo = a.lo * fa + b.lo * fb if self.signed else None
+        return replace(a, hi=a.hi * fa + b.hi * fb, lo=lo, log_scale=top)
+
+    def plus(self, a: MaxValue, b: MaxValue) -> MaxValue:
+        a, b = self._settle(a), self._settle(b)
+        fa, fb, top = _align(a, b)
+        ah, bh = a.hi * fa, b.hi * fb
+        take_b = bh > ah
+        hi = torch.where(take_b, bh, ah)
+        hi_src = _select_src(take_b, b.hi_src, a.hi_src)
+        lo = lo_src = None
+        if self.signed:
+            al, bl = a.lo * fa, b.lo * fb
+            take_b_lo = bl < al
+            lo = torch.where(take_b_lo, bl, al)
+            lo_src = _select_src(take_b_lo, b.lo_src, a.lo_src)
+        return _renormalise(MaxValue(hi, lo, top, hi_src, lo_src))
+
+    # -- internals --------------------------------------------------------------------------------------------
+    def _make(self, hi, lo, log_scale, hi_idx, lo_idx, origin) -> MaxValue:
+        hi_src = lo_src = None
+        if self.backpointers:
+            code = encode_origin(origin)
+            hi_src = _src(hi, code, hi_idx, absent=(hi <= 0) if not self.signed else torch.isneginf(hi))
+            if self.signed:
+                lo_src = _src(lo, code, lo_idx, absent=torch.isposinf(lo))
+        return _renormalise(MaxValue(hi, lo, log_scale, hi_src, lo_src))
+
+    def _pull_vjp(self, kind, value: MaxValue, origin) -> MaxValue:
+        k = kind if self.signed else kind.map_weights(abs_weight)
+        hi = linear_pull(k, value.hi)
+        lo = linear_pull(k, value.lo) if self.signed else None
+        src = None
+        if self.backpointers:
+            code = torch.full(hi.shape, encode_origin(origin), dtype=torch.long, device=hi.device)
+            src = (code, torch.full_like(code, NO_PATH))
+        return MaxValue(hi, lo, value.log_scale, src, src if self.signed else None, raw=True)
+
+    def _settle(self, v: MaxValue) -> MaxValue:
+        """Tensor granularity: turn a summed (raw) VJP pair into ``M+ = max``, ``M- = min``."""
+        if not v.raw:
+            return v
+        if not self.signed:
+            return _renormalise(replace(v, raw=False))
+        hi, lo = torch.maximum(v.hi, v.lo), torch.minimum(v.hi, v.lo)
+        return _renormalise(MaxValue(hi, lo, v.log_scale, v.hi_src, v.lo_src, raw=False))
+
+
+def _src(m: Tensor, code: int, idx: Tensor, absent: Tensor) -> tuple[Tensor, Tensor]:
+    codes = torch.full(m.shape, code, dtype=torch.long, device=m.device)
+    codes = torch.where(absent, torch.full_like(codes, NO_PATH), codes)
+    return codes, torch.where(absent, torch.full_like(idx, NO_PATH), idx.to(torch.long))
+
+
+def _select_src(take_b, b, a):
+    if a is None or b is None:
+        return None
+    return torch.where(take_b, b[0], a[0]), torch.where(take_b, b[1], a[1])
+
+
+def _align(a: MaxValue, b: MaxValue):
+    top = torch.maximum(a.log_scale, b.log_scale)
+    return torch.exp(a.log_scale - top).to(a.hi.dtype), torch.exp(b.log_scale - top).to(b.hi.dtype), top
+
+
+def _renormalise(v: MaxValue) -> MaxValue:
+    mags = [v.hi.abs()] + ([v.lo.abs()] if v.lo is not None else [])
+    m = torch.stack([x.masked_fill(~torch.isfinite(x), 0).amax() if x.numel() else x.new_zeros(()) for x in mags]).amax()
+    m = torch.where(m > 0, m, torch.ones_like(m))
+    return replace(v, hi=v.hi / m, lo=None if v.lo is None else v.lo / m, log_scale=v.log_scale + torch.log(m.double()))
+
+
+# -- signed scalar pulls ----------------------------------------------------------------------------------------
+
+def _candidates(hi: Tensor, lo: Tensor, w) -> tuple[Tensor, Tensor]:
+    """Per-edge candidates ``max/min(w M+, w M-)``; absent sources (M+ = -inf) offer nothing."""
+    reach = torch.isfinite(hi)
+    h = torch.where(reach, hi, torch.zeros_like(hi))
+    l = torch.where(reach, lo, torch.zeros_like(lo))
+    c1, c2 = h * w, l * w
+    inf = torch.full_like(c1, float("inf"))
+    return torch.where(reach, torch.maximum(c1, c2), -inf), torch.where(reach, torch.minimum(c1, c2), inf)
+
+
+def _signed_pull(kind, hi: Tensor, lo: Tensor):
+    if isinstance(kind, Pointwise):
+        ch, cl = _candidates(hi, lo, kind.weight)
+        h, hi_idx = amax_to_shape(ch, kind.in_shape, largest=True)
+        l, lo_idx = amax_to_shape(cl, kind.in_shape, largest=False)
+        return h, hi_idx, l, lo_idx
+    if isinstance(kind, Reduction):
+        ch, cl = _candidates(kind.expand_out(hi), kind.expand_out(lo), kind.weight)
+        idx = kind.out_index().to(hi.device)
+        return ch, idx, cl, idx
+    if isinstance(kind, IndexMap):
+        ch, cl = _candidates(hi, lo, kind.weight)
+        h, hi_idx = _scatter_max(kind, ch, largest=True, empty=float("-inf"))
+        l, lo_idx = _scatter_max(kind, cl, largest=False, empty=float("inf"))
+        return h, hi_idx, l, lo_idx
+    if isinstance(kind, MatMul):
+        return _signed_matmul(kind, hi, lo)
+    if isinstance(kind, RowDense):
+        return _signed_rowdense(kind, hi, lo)
+    raise TypeError(f"unknown Jacobian kind {type(kind).__name__}")
+
+
+def _signed_matmul(kind: MatMul, hi: Tensor, lo: Tensor):
+    """Signed max/min-times. Fully reachable slices use the kernel; partly reachable ones an exact masked loop."""
+    reach = torch.isfinite(hi)
+    h = torch.where(reach, hi, torch.zeros_like(hi))
+    l = torch.where(reach, lo, torch.zeros_like(lo))
+    w = kind.weight
+    m, n = kind.out_shape[-2:]
+    a_h = h.reshape(-1, m, n)
+    a_l = l.reshape(-1, m, n)
+    r3 = reach.reshape(-1, m, n)
+    bsz = a_h.shape[0]
+    w3 = w.reshape(-1, *w.shape[-2:]).expand(bsz, -1, -1) if w.dim() > 2 else w.expand(bsz, -1, -1)
+    if kind.left:  # out [B, m, k] over c (dim -1 of a)
+        mx = [max_times(a_h, w3, argmax=True), max_times(a_l, w3, argmax=True)]
+        mn = [min_times(a_h, w3, argmax=True), min_times(a_l, w3, argmax=True)]
+    else:  # out [B, k, n] over r (dim -2 of a)
+        mx = [max_times(w3, a_h, argmax=True), max_times(w3, a_l, argmax=True)]
+        mn = [min_times(w3, a_h, argmax=True), min_times(w3, a_l, argmax=True)]
+    hi_v = torch.maximum(mx[0][0], mx[1][0])
+    hi_a = torch.where(mx[1][0] > mx[0][0], mx[1][1], mx[0][1])
+    lo_v = torch.minimum(mn[0][0], mn[1][0])
+    lo_a = torch.where(mn[1][0] < mn[0][0], mn[1][1], mn[0][1])
+    # slices (rows of a for left, columns for right) with absent entries: recompute exactly
+    full = r3.all(-1) if kind.left else r3.all(-2)  # [B, m] or [B, n]
+    if not bool(full.all()):
+        for b, s in (~full).nonzero().tolist():
+            if kind.left:
+                rh, rl, rr = hi.reshape(-1, m, n)[b, s], lo.reshape(-1, m, n)[b, s], r3[b, s]  # [n]
+                cand_h, cand_l = _candidates(rh[:, None].expand(-1, w3.shape[-1]),
+                                             rl[:, None].expand(-1, w3.shape[-1]), w3[b])  # [n, k]
+                vh, ah = _first_extreme(cand_h.T, True)
+                vl, al = _first_extreme(cand_l.T, False)
+                hi_v[b, s], hi_a[b, s], lo_v[b, s], lo_a[b, s] = vh, ah, vl, al
+            else:
+                rh, rl = hi.reshape(-1, m, n)[b, :, s], lo.reshape(-1, m, n)[b, :, s]  # [m]
+                cand_h, cand_l = _candidates(rh[None, :].expand(w3.shape[-2], -1),
+                                             rl[None, :].expand(w3.shape[-2], -1), w3[b])  # [k, m]
+                vh, ah = _first_extreme(cand_h, True)
+                vl, al = _first_extreme(cand_l, False)
+                hi_v[b, :, s], hi_a[b, :, s], lo_v[b, :, s], lo_a[b, :, s] = vh, ah, vl, al
+    bidx = torch.arange(bsz, device=hi.device).view(-1, 1, 1)
+    if kind.left:
+        rows = torch.arange(m, device=hi.device).view(1, -1, 1)
+        to_flat = lambda arg: (bidx * m + rows) * n + arg  # noqa: E731
+    else:
+        cols = torch.arange(n, device=hi.device).view(1, 1, -1)
+        to_flat = lambda arg: (bidx * m + arg) * n + cols  # noqa: E731
+    shape = kind.in_shape
+    return hi_v.reshape(shape), to_flat(hi_a).reshape(shape), lo_v.reshape(shape), to_flat(lo_a).reshape(shape)
+
+
+def _signed_rowdense(kind: RowDense, hi: Tensor, lo: Tensor):
+    n = kind.d.shape[-1]
+    fh, fl = hi.reshape(-1, n), lo.reshape(-1, n)
+    out_h = torch.full_like(fh, float("-inf"))
+    out_l = torch.full_like(fl, float("inf"))
+    base = torch.arange(fh.shape[0], device=hi.device).unsqueeze(-1) * n
+    arg_h = (base + torch.arange(n, device=hi.device)).clone()
+    arg_l = arg_h.clone()
+    rows = torch.isfinite(fh).any(-1).nonzero().flatten()
+    probe = torch.where(torch.isfinite(fh), torch.ones_like(fh), torch.zeros_like(fh))
+    for sel, outs, jac in _dense_chunks(kind, probe, rows):
+        ch, cl = _candidates(fh[sel][:, outs].unsqueeze(-1).expand_as(jac),
+                             fl[sel][:, outs].unsqueeze(-1).expand_as(jac), jac)  # [c, k, n]
+        vh, ph = _first_extreme(ch.transpose(1, 2), True)
+        vl, pl = _first_extreme(cl.transpose(1, 2), False)
+        out_h[sel], out_l[sel] = vh, vl
+        arg_h[sel] = sel.unsqueeze(-1) * n + outs[ph]
+        arg_l[sel] = sel.unsqueeze(-1) * n + outs[pl]
+    return out_h.reshape(hi.shape), arg_h.reshape(hi.shape), out_l.reshape(lo.shape), arg_l.reshape(lo.shape)

@@ -1,0 +1,57 @@
+"""The reverse sweep: one pass over the tape, ignorant of semirings and of operators.
+
+For each record, last to first: take the values of its outputs (complete by now, since every consumer comes later
+in the tape), ask the rule table for its edges, pull each output's value through each edge with the semiring,
+combine pulls into the same input tensor inside the operator (``plus_within``) and then across consumers (``plus``).
+An output's value is released once its producer has been processed (``on_complete`` sees it first).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from .errors import UnsupportedOpError
+from .graph.tape import Tape
+from .rules.registry import DEFAULT_RULES, RuleSet
+
+
+def sweep(
+    tape: Tape,
+    semiring,
+    seed: Any,
+    *,
+    rules: RuleSet = DEFAULT_RULES,
+    on_complete: Callable[[int, Any], None] | None = None,
+) -> dict[int, Any]:
+    """Propagate ``seed`` (the root's value) to every node; return ``{input id: value}`` (absent: semiring zero)."""
+    env: dict[int, Any] = {tape.root_id: seed}
+    for rec in reversed(tape.records):
+        outs = {slot: env.pop(tid) for slot, tid in enumerate(rec.output_ids) if tid is not None and tid in env}
+        if not outs:
+            continue
+        if on_complete is not None:
+            for slot, value in outs.items():
+                on_complete(rec.output_ids[slot], value)
+        pulled: dict[int, Any] = {}
+        covered = set()
+        for out, leaf, kind in rules.edges(rec):
+            tid = rec.leaf_ids[leaf]
+            if out not in outs or tid is None:
+                continue
+            covered.add(out)
+            value = semiring.pull(kind, outs[out], (rec.index, out, leaf))
+            pulled[tid] = value if tid not in pulled else semiring.plus_within(pulled[tid], value)
+        if len(covered) < len(outs) and any(i is not None for i in rec.leaf_ids):
+            missing = sorted(set(outs) - covered)
+            raise UnsupportedOpError(
+                f"the rule for {rec.op} gives no edges from output(s) {missing}, but they lie on the attribution path",
+                where=f"module '{rec.module_path}'",
+                fix="extend that operator's rule in inseq_semiring/rules to cover those outputs",
+            )
+        for tid, value in pulled.items():
+            env[tid] = value if tid not in env else semiring.plus(env[tid], value)
+    if on_complete is not None:
+        for tid in tape.input_ids:
+            if tid in env:
+                on_complete(tid, env[tid])
+    return {tid: env[tid] for tid in tape.input_ids if tid in env}
