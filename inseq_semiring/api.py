@@ -108,9 +108,10 @@ def run(
     _check_root(tape)
     trail: dict[int, Any] = {}
     keep = trail.__setitem__ if backpointers else None
-    env = sweep(tape, ring, ring.seed(tape.root), rules=rules, on_complete=keep)
-    raw = tuple(env.get(tid) for tid in tape.input_ids)
-    values = tuple(ring.finalize(r, x) for r, x in zip(raw, inputs))
+    with torch.no_grad():
+        env = sweep(tape, ring, ring.seed(tape.root), rules=rules, on_complete=keep)
+        raw = tuple(env.get(tid) for tid in tape.input_ids)
+        values = tuple(ring.finalize(r, x) for r, x in zip(raw, inputs))
     return SemiringResult(values, raw, tape, ring, trail)
 
 

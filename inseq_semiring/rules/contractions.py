@@ -17,10 +17,10 @@ def _factors(rec: OpRecord, first: int, alpha: float) -> list[Edge]:
     edges = []
     if rec.is_node(first):  # out = x @ y: a'_x = a @ (alpha y)^T
         w = y.transpose(-1, -2) if alpha == 1 else alpha * y.transpose(-1, -2)
-        edges.append(Edge(0, first, MatMul(w, True, x.shape, out.shape)))
+        edges.append(Edge(0, first, MatMul(w, True, x.shape, out.shape, static=not rec.is_node(first + 1))))
     if rec.is_node(first + 1):  # a'_y = (alpha x)^T @ a
         w = x.transpose(-1, -2) if alpha == 1 else alpha * x.transpose(-1, -2)
-        edges.append(Edge(0, first + 1, MatMul(w, False, y.shape, out.shape)))
+        edges.append(Edge(0, first + 1, MatMul(w, False, y.shape, out.shape, static=not rec.is_node(first))))
     return edges
 
 

@@ -80,13 +80,16 @@ class IndexMap:
     index: Tensor  # int64, out_shape
     in_shape: torch.Size
     weight: float = 1.0  # 1 for the structural edge; a semiring may map it (e.g. -1 log 1 = 0)
+    injective: bool = False  # each input element feeds at most one output element (no fan-out inside the op)
+    identity: bool = False  # y.flatten() == x.flatten() (views and copies in logical order): a pull is a reshape
 
     @property
     def out_shape(self) -> torch.Size:
         return self.index.shape
 
     def map_weights(self, f: Callable[[Tensor], Tensor]) -> "IndexMap":
-        return IndexMap(self.index, self.in_shape, float(f(torch.tensor(self.weight, dtype=torch.float64))))
+        w = float(f(torch.tensor(self.weight, dtype=torch.float64)))
+        return IndexMap(self.index, self.in_shape, w, self.injective, self.identity)
 
     def entry(self, j: int, i: int) -> float:
         return self.weight
@@ -106,9 +109,13 @@ class MatMul:
     left: bool
     in_shape: torch.Size
     out_shape: torch.Size
+    static: bool = False  # the weight is a constant (a parameter): mapped copies may be cached across sweeps
 
     def map_weights(self, f: Callable[[Tensor], Tensor]) -> "MatMul":
-        return MatMul(f(self.weight), self.left, self.in_shape, self.out_shape)
+        from .weight_cache import cached_map
+
+        mapped = cached_map(self.weight, f) if self.static else f(self.weight)
+        return MatMul(mapped, self.left, self.in_shape, self.out_shape, self.static)
 
     def entry(self, j: int, i: int) -> float:
         jj = _flat_to_index(j, self.in_shape)
@@ -164,7 +171,54 @@ class RowDense:
         return float(jac[0, 0, cj])
 
 
-Kind = Pointwise | Reduction | IndexMap | MatMul | RowDense
+@dataclass(frozen=True, eq=False)
+class LayerNormRow:
+    """Layer norm over the last dim (length n): ``J_row[i, j] = gain_i (delta_ij - (1 + xh_i xh_j) / n)`` with
+    ``gain = g * rstd`` and ``xh`` the normalised row, i.e. ``J = diag(gain) C`` with the symmetric core
+    ``C = I - (1 1^T + xh xh^T) / n``. ``|J| = diag(|gain|) |C|``, so a semiring needs one dense ``|C|`` per row
+    (O(n^2)), shared by every weight map; the signed pull is O(n).
+    """
+
+    gain: Tensor  # [*rows, n]
+    xh: Tensor  # [*rows, n]
+    entry_map: Callable[[Tensor], Tensor] | None = None
+
+    @property
+    def in_shape(self) -> torch.Size:
+        return self.xh.shape
+
+    out_shape = in_shape
+
+    def map_weights(self, f: Callable[[Tensor], Tensor]) -> "LayerNormRow":
+        if self.entry_map is not None:
+            raise ValueError("LayerNormRow weights are mapped once")
+        return LayerNormRow(self.gain, self.xh, f)
+
+    def core(self, rows: Tensor) -> Tensor:
+        """``C`` for the flat row indices ``rows``: [len(rows), n, n]."""
+        n = self.xh.shape[-1]
+        xh = self.xh.reshape(-1, n)[rows]
+        c = torch.baddbmm(torch.full((1, 1, 1), -1.0 / n, dtype=xh.dtype, device=xh.device),
+                          xh.unsqueeze(-1), xh.unsqueeze(-2), alpha=-1.0 / n)
+        c.diagonal(dim1=-2, dim2=-1).add_(1.0)
+        return c
+
+    def dense(self, rows: Tensor, outs: Tensor | None = None) -> Tensor:
+        n = self.xh.shape[-1]
+        jac = self.gain.reshape(-1, n)[rows].unsqueeze(-1) * self.core(rows)
+        if outs is not None:
+            jac = jac[:, outs]
+        return jac if self.entry_map is None else self.entry_map(jac)
+
+    def entry(self, j: int, i: int) -> float:
+        n = self.xh.shape[-1]
+        if j // n != i // n:
+            return 0.0
+        jac = self.dense(torch.tensor([i // n], device=self.xh.device))
+        return float(jac[0, i % n, j % n])
+
+
+Kind = Pointwise | Reduction | IndexMap | MatMul | RowDense | LayerNormRow
 
 
 def _numel(shape) -> int:

@@ -2,8 +2,8 @@
 
 * ``_softmax``: ``J = diag(y) - y y^T``                    (d = y, u = -y, v = y)
 * ``_log_softmax``: ``J = I - 1 s^T``, ``s = exp(y)``       (d = 1, u = -1, v = s)
-* ``native_layer_norm``: ``J = g r (I - 1 1^T / n - xh xh^T / n)`` with ``r`` = rstd, ``xh`` the normalised row
-  and ``g`` the affine weight: d = g r, u = (-g r / n, -g r xh / n), v = (1, xh); the bias is a constant shift.
+* ``native_layer_norm``: ``J = diag(g r) (I - 1 1^T / n - xh xh^T / n)`` with ``r`` = rstd, ``xh`` the normalised
+  row and ``g`` the affine weight (:class:`LayerNormRow`); the bias is a constant shift.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import torch
 
 from ..errors import UnsupportedOpError
 from ..graph.tape import OpRecord
-from .jacobians import RowDense
+from .jacobians import LayerNormRow, RowDense
 from .registry import Edge, rule
 
 aten = torch.ops.aten
@@ -59,10 +59,6 @@ def native_layer_norm(rec: OpRecord):
     if not rec.is_node(0):
         return []
     mean, rstd = rec.outputs[1], rec.outputs[2]
-    n = x.shape[-1]
     xh = (x - mean) * rstd
-    gr = rstd.expand_as(x) if weight is None else weight * rstd
-    ones = torch.ones_like(x)
-    u = torch.stack([-gr / n, -gr * xh / n])
-    v = torch.stack([ones, xh])
-    return [Edge(0, 0, RowDense(gr.expand_as(x).contiguous(), u, v))]
+    gain = rstd.expand_as(x) if weight is None else weight * rstd
+    return [Edge(0, 0, LayerNormRow(gain.expand_as(x).contiguous(), xh))]

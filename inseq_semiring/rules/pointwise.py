@@ -8,7 +8,7 @@ import math
 import torch
 
 from ..graph.tape import OpRecord
-from .jacobians import Pointwise
+from .jacobians import IndexMap, Pointwise
 from .registry import Edge, rule
 
 aten = torch.ops.aten
@@ -103,17 +103,31 @@ def pow_tensor(rec: OpRecord):
     return _edges(rec, {0: lambda: p * x.pow(p - 1), 1: lambda: y * torch.log(x)})
 
 
+def _selected(rec: OpRecord, keep: dict) -> list[Edge]:
+    """Selection operators: ``y_i`` copies (weight 1) the broadcast element of argument ``leaf`` where
+    ``keep[leaf]()`` is true and does not depend on it elsewhere (no edge, not a weight-0 edge: the unselected
+    side of ``where``/``masked_fill`` and the zeroed part of ``tril`` do not feed the output)."""
+    out = rec.outputs[0]
+    edges = []
+    for leaf, mask in keep.items():
+        if leaf < len(rec.leaf_ids) and rec.is_node(leaf):
+            x = rec.leaves[leaf]
+            idx = torch.arange(x.numel(), device=out.device).reshape(x.shape).expand(out.shape)
+            idx = torch.where(mask().expand(out.shape), idx, torch.full_like(idx, -1))
+            edges.append(Edge(0, leaf, IndexMap(idx.contiguous(), x.shape)))
+    return edges
+
+
 @rule(aten.where.self)
 def where(rec: OpRecord):
     cond = rec.leaves[0]
-    out = rec.outputs[0]
-    return _edges(rec, {1: lambda: cond.to(out.dtype), 2: lambda: (~cond).to(out.dtype)})
+    return _selected(rec, {1: lambda: cond, 2: lambda: ~cond})
 
 
 @rule(aten.masked_fill.Scalar, aten.masked_fill.Tensor)
-def masked_fill(rec: OpRecord):
+def masked_fill(rec: OpRecord):  # masked_fill(self, mask, value): value (a 0-dim tensor) may be a node too
     mask = rec.leaves[1]
-    return _edges(rec, {0: lambda: (~mask).to(rec.outputs[0].dtype)})
+    return _selected(rec, {0: lambda: ~mask, 2: lambda: mask})
 
 
 @rule(aten.maximum.default, aten.minimum.default)
@@ -259,4 +273,4 @@ def native_dropout(rec: OpRecord):
 @rule(aten.tril.default, aten.triu.default)
 def tril_triu(rec: OpRecord):
     x = rec.leaves[0]
-    return _edges(rec, {0: lambda: rec.op(torch.ones_like(x), *rec.args[1:])})
+    return _selected(rec, {0: lambda: rec.op(torch.ones_like(x, dtype=torch.bool), *rec.args[1:], **rec.kwargs)})

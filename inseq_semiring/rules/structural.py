@@ -29,6 +29,19 @@ INDEX_OPS = [
 ]
 
 
+#: Operators that keep the logical (row-major) order of the elements: y.flatten() == x.flatten().
+IDENTITY_OPS = {aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.alias.default,
+                aten.unsqueeze.default, aten.squeeze.default, aten.squeeze.dim, aten.squeeze.dims,
+                aten.clone.default, aten.contiguous.default, aten.flatten.using_ints, aten.unflatten.int,
+                aten.view_as.default}
+#: Operators in which no input element is copied to two outputs.
+INJECTIVE_OPS = IDENTITY_OPS | {
+    aten.permute.default, aten.transpose.int, aten.t.default, aten.slice.Tensor, aten.select.int,
+    aten.narrow.default, aten.cat.default, aten.stack.default, aten.split.Tensor, aten.split_with_sizes.default,
+    aten.unbind.int, aten.chunk.default, aten.flip.default, aten.roll.default, aten.diagonal.default,
+    aten.movedim.int, aten.constant_pad_nd.default}
+
+
 def _floating(x) -> bool:
     return isinstance(x, torch.Tensor) and x.is_floating_point()
 
@@ -71,13 +84,20 @@ def _index_call(rec: OpRecord, leaf: int) -> list:
 @rule(*INDEX_OPS)
 def index_map(rec: OpRecord):
     edges = []
+    injective = rec.op in INJECTIVE_OPS
+    identity = rec.op in IDENTITY_OPS
     for leaf, tid in enumerate(rec.leaf_ids):
         if tid is None:
             continue
-        shape = rec.leaves[leaf].shape
+        x = rec.leaves[leaf]
+        if identity:
+            out = rec.outputs[0]
+            idx = torch.arange(out.numel(), device=out.device).reshape(out.shape)
+            edges.append(Edge(0, leaf, IndexMap(idx, x.shape, injective=True, identity=True)))
+            continue
         for slot, idx in enumerate(_index_call(rec, leaf)):
             if rec.output_ids[slot] is not None:
-                edges.append(Edge(slot, leaf, IndexMap(idx.long(), shape)))
+                edges.append(Edge(slot, leaf, IndexMap(idx.long(), x.shape, injective=injective)))
     return edges
 
 

@@ -20,10 +20,23 @@ import torch
 from torch import Tensor
 
 from ..kernels.maxtimes import max_times
-from ..rules.jacobians import IndexMap, MatMul, Pointwise, Reduction, RowDense
+from ..rules.jacobians import IndexMap, LayerNormRow, MatMul, Pointwise, Reduction, RowDense
 
 #: Target number of elements of a dense temporary (row-dense chunks, masked max products).
 CHUNK_ELEMENTS = 1 << 22
+#: Elements of a per-row dense core processed at once (small enough to stay in cache).
+ROW_CHUNK_ELEMENTS = 1 << 20
+
+
+def abs_weight(w: Tensor) -> Tensor:
+    """Edge map ``w -> |w|``."""
+    return w.abs()
+
+
+def neg_w_log_w(w: Tensor) -> Tensor:
+    """Edge map ``w -> -|w| log |w|`` with ``0 log 0 = 0`` (the U part of the expectation-semiring edge)."""
+    aw = w.abs()
+    return -torch.xlogy(aw, aw)
 
 
 class Semiring:
@@ -96,6 +109,8 @@ def linear_pull(kind, a: Tensor) -> Tensor:
     if isinstance(kind, Reduction):
         return kind.expand_out(a) * kind.weight
     if isinstance(kind, IndexMap):
+        if kind.identity:
+            return a.reshape(kind.in_shape) * kind.weight if kind.weight != 1 else a.reshape(kind.in_shape)
         out = a.new_zeros(_numel(kind.in_shape))
         if kind.weight != 0:
             index, valid = kind.index.reshape(-1), kind.index.reshape(-1) >= 0
@@ -119,15 +134,110 @@ def linear_pull(kind, a: Tensor) -> Tensor:
             return a @ kind.weight
         return kind.weight @ a
     if isinstance(kind, RowDense):
+        if kind.entry_map in (abs_weight, neg_w_log_w) and kind.u.shape[0] == 1:
+            return _rank1_scaled(RowDense(kind.d, kind.u, kind.v), a, None, kind.entry_map)[0]
         return _rowdense_linear(kind, a)
+    if isinstance(kind, LayerNormRow):
+        if kind.entry_map is None:  # c = a * gain;  a'_j = c_j - (sum c + xh_j sum c xh) / n
+            c = a * kind.gain
+            n = c.shape[-1]
+            return c - (c.sum(-1, keepdim=True) + kind.xh * (c * kind.xh).sum(-1, keepdim=True)) / n
+        return scaled_pulls(LayerNormRow(kind.gain, kind.xh), a, None, kind.entry_map)[0]
     raise TypeError(f"unknown Jacobian kind {type(kind).__name__}")
+
+
+def scaled_pulls(kind, z: Tensor, u: Tensor | None, only=None) -> tuple[Tensor, Tensor | None]:
+    """The expectation-semiring pull through ``kind``: ``z' = z |J|`` and ``u' = u |J| + z (-|J| log |J|)``.
+
+    Row-dense kinds are done without the dense Jacobian where its structure allows (rank-1 rows: O(n)) and with one
+    shared dense core per row otherwise (layer norm). ``only``: compute just ``z (only(J))`` (one weight map).
+    """
+    if isinstance(kind, RowDense) and kind.entry_map is None and kind.u.shape[0] == 1:
+        return _rank1_scaled(kind, z, u, only)
+    if isinstance(kind, LayerNormRow) and kind.entry_map is None:
+        return _layernorm_scaled(kind, z, u, only)
+    if only is not None:
+        return linear_pull(kind.map_weights(only), z), None
+    k_abs = kind.map_weights(abs_weight)
+    z2 = linear_pull(k_abs, z)
+    u2 = None if u is None else linear_pull(k_abs, u) + linear_pull(kind.map_weights(neg_w_log_w), z)
+    return z2, u2
+
+
+def _rank1_scaled(kind: RowDense, z, u, only):
+    """``J = diag(d) + u v^T``: off the diagonal ``f(u_i v_j)`` separates for ``f = |.|`` and ``f = -|.| log |.|``."""
+    uu, vv, d = kind.u[0], kind.v[0], kind.d
+    au, av = uu.abs(), vv.abs()
+    diag = d + uu * vv
+
+    def pull(a, f):
+        if f is abs_weight:
+            terms, dg = [(au, av)], diag.abs()
+        elif f is neg_w_log_w:
+            terms, dg = [(neg_w_log_w(uu), av), (au, neg_w_log_w(vv))], neg_w_log_w(diag)
+        else:
+            return linear_pull(kind.map_weights(f), a)
+        out = a * dg
+        for left, right in terms:
+            out = out + right * ((a * left).sum(-1, keepdim=True) - a * left)
+        return out
+
+    if only is not None:
+        return pull(z, only), None
+    z2 = pull(z, abs_weight)
+    u2 = None if u is None else pull(u, abs_weight) + pull(z, neg_w_log_w)
+    return z2, u2
+
+
+def _layernorm_scaled(kind: LayerNormRow, z, u, only):
+    """``|J_ij| = |gain_i| |C_ij|`` and ``-|J| log|J| = |gain_i| (-|C| log|C|)_ij + (-|gain_i| log|gain_i|) |C_ij|``."""
+    n = kind.xh.shape[-1]
+    g = kind.gain.reshape(-1, n)
+    zf = z.reshape(-1, n)
+    p = zf * g.abs()  # z |gain|
+    vec_a = [p]
+    if only is neg_w_log_w:
+        vec_a, vec_b = [zf * neg_w_log_w(g)], [p]
+    elif only is abs_weight:
+        vec_b = []
+    elif only is not None:
+        return linear_pull(LayerNormRow(kind.gain, kind.xh).map_weights(only), z), None
+    else:
+        vec_b = []
+        if u is not None:
+            vec_a.append(u.reshape(-1, n) * g.abs() + zf * neg_w_log_w(g))
+            vec_b = [p]
+    outs_a = [torch.zeros_like(zf) for _ in vec_a]
+    outs_b = torch.zeros_like(zf)
+    active = torch.zeros(zf.shape[0], dtype=torch.bool, device=z.device)
+    for v in vec_a + vec_b:
+        active |= (v != 0).any(-1)
+    rows = active.nonzero().flatten()
+    step = max(1, ROW_CHUNK_ELEMENTS // max(1, n * n))  # a few rows: the dense core stays in cache
+    for start in range(0, rows.numel(), step):
+        sel = rows[start:start + step]
+        mag = kind.core(sel).abs_()
+        if vec_a:
+            res = torch.bmm(torch.stack([v[sel] for v in vec_a], 1), mag)  # [c, k, n]
+            for k, o in enumerate(outs_a):
+                o[sel] = res[:, k]
+        if vec_b:  # -|C| log |C| in place (0 log 0 = 0 through the clamp)
+            nlogn = mag.clamp_min(torch.finfo(mag.dtype).tiny).log_().mul_(mag).neg_()
+            outs_b[sel] = torch.bmm(vec_b[0][sel].unsqueeze(1), nlogn).squeeze(1)
+    shape = z.shape
+    if only is neg_w_log_w:
+        return (outs_a[0] + outs_b).reshape(shape), None
+    if only is abs_weight:
+        return outs_a[0].reshape(shape), None
+    u2 = None if u is None else (outs_a[1] + outs_b).reshape(shape)
+    return outs_a[0].reshape(shape), u2
 
 
 def _rowdense_linear(kind: RowDense, a: Tensor) -> Tensor:
     if kind.entry_map is None:  # diag + low rank, O(n r) per row
         s = (a.unsqueeze(0) * kind.u).sum(-1, keepdim=True)  # [r, *rows, 1]
         return a * kind.d + (s * kind.v).sum(0)
-    n = kind.d.shape[-1]
+    n = kind.in_shape[-1]
     flat = a.reshape(-1, n)
     out = torch.zeros_like(flat)
     rows = (flat != 0).any(-1).nonzero().flatten()
@@ -150,18 +260,71 @@ def max_pull(kind, a: Tensor) -> tuple[Tensor, Tensor]:
     if isinstance(kind, MatMul):
         return _matmul_max(kind, a)
     if isinstance(kind, RowDense):
+        if kind.u.shape[0] == 1 and kind.entry_map is abs_weight:
+            return _rank1_max(kind, a)
         return _rowdense_max(kind, a)
+    if isinstance(kind, LayerNormRow):
+        return _layernorm_max(kind, a)
     raise TypeError(f"unknown Jacobian kind {type(kind).__name__}")
+
+
+def _rank1_max(kind: RowDense, a: Tensor) -> tuple[Tensor, Tensor]:
+    """``max_i a_i |J_ij|`` for ``J = diag(d) + u v^T`` in O(n): the best and second-best ``a_i |u_i|``."""
+    uu, vv = kind.u[0], kind.v[0]
+    n = a.shape[-1]
+    t = a * uu.abs()
+    best1, arg1 = _first_extreme(t, True)
+    masked = t.scatter(-1, arg1.unsqueeze(-1), float("-inf"))
+    best2, arg2 = _first_extreme(masked, True)
+    pos = torch.arange(n, device=a.device)
+    is1 = pos == arg1.unsqueeze(-1)
+    off_val = torch.where(is1, best2.unsqueeze(-1), best1.unsqueeze(-1)) * vv.abs()
+    off_arg = torch.where(is1, arg2.unsqueeze(-1), arg1.unsqueeze(-1))
+    if n == 1:
+        off_val = torch.full_like(a, float("-inf"))
+    diag_val = a * (kind.d + uu * vv).abs()
+    take_diag = (diag_val > off_val) | ((diag_val == off_val) & (pos < off_arg))
+    best = torch.where(take_diag, diag_val, off_val)
+    arg = torch.where(take_diag, pos.expand_as(off_arg), off_arg)
+    rows = torch.arange(a.numel() // n, device=a.device).reshape(a.shape[:-1]).unsqueeze(-1)
+    return best, rows * n + arg
+
+
+def _layernorm_max(kind: LayerNormRow, a: Tensor) -> tuple[Tensor, Tensor]:
+    """``max_i a_i |gain_i| |C_ij|`` with one dense core per row."""
+    n = kind.xh.shape[-1]
+    p = (a * (kind.gain.abs() if kind.entry_map is abs_weight else kind.gain)).reshape(-1, n)
+    if kind.entry_map not in (abs_weight,):
+        return _rowdense_max(kind, a)
+    out = torch.zeros_like(p)
+    base = torch.arange(p.shape[0], device=a.device).unsqueeze(-1) * n
+    arg = (base + torch.arange(n, device=a.device)).clone()
+    rows = (p != 0).any(-1).nonzero().flatten()
+    step = max(1, CHUNK_ELEMENTS // max(1, n * n))
+    for start in range(0, rows.numel(), step):
+        sel = rows[start:start + step]
+        vals, pos = max_times(p[sel].unsqueeze(1), kind.core(sel).abs_(), argmax=True)  # [c, 1, n]
+        out[sel] = vals.squeeze(1)
+        arg[sel] = sel.unsqueeze(-1) * n + pos.squeeze(1)
+    return out.reshape(a.shape), arg.reshape(a.shape)
 
 
 def _scatter_max(kind: IndexMap, a: Tensor, largest: bool = True, empty: float = 0.0) -> tuple[Tensor, Tensor]:
     n_in = _numel(kind.in_shape)
+    out_pos = torch.arange(a.numel(), device=a.device)
+    if kind.identity:
+        return a.reshape(kind.in_shape), out_pos.reshape(kind.in_shape)
     index = kind.index.reshape(-1)
     src = a.reshape(-1)
-    out_pos = torch.arange(src.numel(), device=a.device)
     valid = index >= 0
     if not bool(valid.all()):
         index, src, out_pos = index[valid], src[valid], out_pos[valid]
+    if kind.injective:  # one candidate per input element at most: a scatter, no max
+        best = a.new_full((n_in,), empty)
+        arg = torch.full((n_in,), -1, dtype=torch.long, device=a.device)
+        best[index] = src
+        arg[index] = out_pos
+        return best.reshape(kind.in_shape), arg.reshape(kind.in_shape)
     best = a.new_full((n_in,), empty)
     best.scatter_reduce_(0, index, src, reduce="amax" if largest else "amin", include_self=False)
     win = src == best[index]
@@ -213,7 +376,7 @@ def _rows_active_max(a: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _rowdense_max(kind: RowDense, a: Tensor) -> tuple[Tensor, Tensor]:
-    n = kind.d.shape[-1]
+    n = kind.in_shape[-1]
     flat = a.reshape(-1, n)
     out = torch.zeros_like(flat)
     row_of = torch.arange(flat.shape[0], device=a.device).unsqueeze(-1) * n

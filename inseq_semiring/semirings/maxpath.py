@@ -28,9 +28,9 @@ from torch import Tensor
 
 from ..errors import InvalidInputError
 from ..kernels.maxtimes import max_times, min_times
-from ..rules.jacobians import IndexMap, MatMul, Pointwise, Reduction, RowDense
+from ..rules.jacobians import IndexMap, LayerNormRow, MatMul, Pointwise, Reduction, RowDense
 from .base import Semiring, _dense_chunks, _first_extreme, _scatter_max, amax_to_shape, linear_pull, max_pull
-from .scaled import abs_weight
+from .base import abs_weight
 
 SIGNS = ("abs", "positive", "negative")
 GRANULARITIES = ("scalar", "tensor")
@@ -201,7 +201,7 @@ def _signed_pull(kind, hi: Tensor, lo: Tensor):
         return h, hi_idx, l, lo_idx
     if isinstance(kind, MatMul):
         return _signed_matmul(kind, hi, lo)
-    if isinstance(kind, RowDense):
+    if isinstance(kind, (RowDense, LayerNormRow)):
         return _signed_rowdense(kind, hi, lo)
     raise TypeError(f"unknown Jacobian kind {type(kind).__name__}")
 
@@ -257,8 +257,8 @@ def _signed_matmul(kind: MatMul, hi: Tensor, lo: Tensor):
     return hi_v.reshape(shape), to_flat(hi_a).reshape(shape), lo_v.reshape(shape), to_flat(lo_a).reshape(shape)
 
 
-def _signed_rowdense(kind: RowDense, hi: Tensor, lo: Tensor):
-    n = kind.d.shape[-1]
+def _signed_rowdense(kind: RowDense | LayerNormRow, hi: Tensor, lo: Tensor):
+    n = kind.in_shape[-1]
     fh, fl = hi.reshape(-1, n), lo.reshape(-1, n)
     out_h = torch.full_like(fh, float("-inf"))
     out_l = torch.full_like(fl, float("inf"))

@@ -4,7 +4,7 @@ A value is ``Scaled(z, u, log_scale)`` meaning ``Z = z * exp(log_scale)`` and ``
 ``z`` is renormalised to max 1 after every operation, so 30-layer models neither overflow nor underflow the
 tensor's dtype. ``flow`` uses only ``Z`` (edge ``|w|``); ``entropy`` is the expectation semiring on ``<Z, U>``
 with edge ``<|w|, -|w| log|w|>``, ``<a, b> (x) <c, d> = <ac, ad + bc>``, and ``H = U/Z + log Z`` (nats).
-This file is the only home of the ``0 log 0 = 0`` convention.
+The ``0 log 0 = 0`` convention lives in :func:`~inseq_semiring.semirings.base.neg_w_log_w` only.
 """
 
 from __future__ import annotations
@@ -14,17 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .base import Semiring, linear_pull
-
-
-def abs_weight(w: Tensor) -> Tensor:
-    return w.abs()
-
-
-def neg_w_log_w(w: Tensor) -> Tensor:
-    """``-|w| log |w|`` with ``0 log 0 = 0``."""
-    aw = w.abs()
-    return -torch.xlogy(aw, aw)
+from .base import Semiring, abs_weight, neg_w_log_w, scaled_pulls  # noqa: F401  (weight maps re-exported)
 
 
 @dataclass(frozen=True)
@@ -56,11 +46,7 @@ class ScaledSum(Semiring):
         return Scaled(torch.ones_like(root), torch.zeros_like(root) if self.with_u else None, zero)
 
     def pull(self, kind, value: Scaled, origin) -> Scaled:
-        k_abs = kind.map_weights(abs_weight)
-        z = linear_pull(k_abs, value.z)
-        u = None
-        if self.with_u:
-            u = linear_pull(k_abs, value.u) + linear_pull(kind.map_weights(neg_w_log_w), value.z)
+        z, u = scaled_pulls(kind, value.z, value.u if self.with_u else None)
         return _renormalise(z, u, value.log_scale)
 
     def plus(self, a: Scaled, b: Scaled) -> Scaled:

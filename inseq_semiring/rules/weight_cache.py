@@ -1,0 +1,46 @@
+"""A bounded cache of mapped constant weights (``|W|``, ``-|W| log |W|``) so that repeated sweeps over the same
+model map each parameter once. Entries are keyed by the weight's storage owner (held weakly), its version counter
+(bumped by any in-place update, e.g. an optimiser step), shape, strides and the map; anything else is recomputed.
+Size limit: ``$INSEQ_SEMIRING_WEIGHT_CACHE_MB`` (default 1024; 0 disables).
+"""
+
+from __future__ import annotations
+
+import os
+import weakref
+from collections import OrderedDict
+from typing import Callable
+
+import torch
+
+_CACHE: OrderedDict = OrderedDict()
+_BYTES = [0]
+
+
+def _limit() -> int:
+    return int(float(os.environ.get("INSEQ_SEMIRING_WEIGHT_CACHE_MB", "1024")) * 2**20)
+
+
+def cached_map(w: torch.Tensor, f: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    limit = _limit()
+    owner = w._base if w._base is not None else w
+    size = w.numel() * w.element_size()
+    if limit <= 0 or size > limit:
+        return f(w)
+    key = (f, id(owner), w._version, tuple(w.shape), tuple(w.stride()), w.storage_offset(), w.dtype, w.device)
+    hit = _CACHE.get(key)
+    if hit is not None and hit[0]() is owner:
+        _CACHE.move_to_end(key)
+        return hit[1]
+    out = f(w)
+    _CACHE[key] = (weakref.ref(owner), out)
+    _BYTES[0] += size
+    while _BYTES[0] > limit and _CACHE:
+        _, (_, old) = _CACHE.popitem(last=False)
+        _BYTES[0] -= old.numel() * old.element_size()
+    return out
+
+
+def clear() -> None:
+    _CACHE.clear()
+    _BYTES[0] = 0
