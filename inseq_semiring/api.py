@@ -20,6 +20,7 @@ import torch
 
 from . import rules as _rules  # noqa: F401  (fills the rule table)
 from .errors import InvalidInputError
+from .graph.model_state import attribution_mode
 from .graph.recorder import record
 from .graph.tape import Tape
 from .rules.registry import DEFAULT_RULES, RuleSet
@@ -100,11 +101,17 @@ def run(
     rules: RuleSet = DEFAULT_RULES,
     tape: Tape | None = None,
 ) -> SemiringResult:
-    """Record ``fn(*inputs)`` (or reuse ``tape``) and sweep it once with the named semiring."""
+    """Record ``fn(*inputs)`` (or reuse ``tape``) and sweep it once with the named semiring.
+
+    ``model`` (optional): recorded module paths use its module names, and while recording it is put in eval mode
+    with eager attention (restored afterwards, also on error). ``backpointers``: keep every node's value and
+    back-pointers in ``result.trail`` (maxpath) for :mod:`~inseq_semiring.paths`.
+    """
     ring = make_semiring(semiring, sign=sign, granularity=granularity, backpointers=backpointers)
     inputs = _check_inputs(inputs)
     if tape is None:
-        tape = record(fn, inputs, model=model, rules=rules)
+        with attribution_mode(model):
+            tape = record(fn, inputs, model=model, rules=rules)
     _check_root(tape)
     trail: dict[int, Any] = {}
     keep = trail.__setitem__ if backpointers else None

@@ -1,6 +1,6 @@
 """Row-wise dense operators over the last dimension, as ``J_row = diag(d) + sum_r u_r v_r^T`` (:class:`RowDense`).
 
-* ``_softmax``: ``J = diag(y) - y y^T``                    (d = y, u = -y, v = y)
+* ``_softmax`` / ``_safe_softmax`` (0 on fully masked rows): ``J = diag(y) - y y^T``  (d = y, u = -y, v = y)
 * ``_log_softmax``: ``J = I - 1 s^T``, ``s = exp(y)``       (d = 1, u = -1, v = s)
 * ``native_layer_norm``: ``J = diag(g r) (I - 1 1^T / n - xh xh^T / n)`` with ``r`` = rstd, ``xh`` the normalised
   row and ``g`` the affine weight (:class:`LayerNormRow`); the bias is a constant shift.
@@ -26,7 +26,7 @@ def _last_dim(rec: OpRecord, dim: int) -> None:
                                  fix="apply it over the last dimension (transpose before and after)")
 
 
-@rule(aten._softmax.default)
+@rule(aten._softmax.default, aten._safe_softmax.default)
 def softmax(rec: OpRecord):
     if not rec.is_node(0):
         return []
