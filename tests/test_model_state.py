@@ -47,7 +47,7 @@ def test_attention_is_eager_inside_and_restored_after_an_exception():
 
 
 def test_error_midway_through_a_forward_leaves_the_model_usable():
-    model = _gpt2().eval()  # sdpa stays on: its CPU math path dispatches _safe_softmax
+    model = _gpt2().eval()
     emb = model.get_input_embeddings()(torch.tensor([[1, 2, 3]])).detach()
 
     def broken(e):
@@ -58,7 +58,14 @@ def test_error_midway_through_a_forward_leaves_the_model_usable():
         isr.run(broken, emb, "gradient", model=model)
     hooks = torch.nn.modules.module._global_forward_hooks, torch.nn.modules.module._global_forward_pre_hooks
     assert all(len(h) == 0 for h in hooks), "global module hooks leaked"
-    g, = isr.semiring_backward(_root(model), emb, "gradient")
+    g, = isr.run(_root(model), emb, "gradient", model=model).values
     e = emb.clone().requires_grad_(True)
     ref, = torch.autograd.grad(_root(model)(e), e)
     torch.testing.assert_close(g, ref, rtol=1e-10, atol=1e-12)
+
+
+def test_fused_attention_without_the_model_gives_a_clear_error():
+    model = _gpt2().eval()
+    emb = model.get_input_embeddings()(torch.tensor([[1, 2, 3]])).detach()
+    with pytest.raises(isr.UnsupportedOpError, match="scaled_dot_product.*attn_implementation='eager'"):
+        isr.semiring_backward(_root(model), emb, "gradient")
