@@ -1,7 +1,7 @@
 """A bounded cache of mapped constant weights (``|W|``, ``-|W| log |W|``) so that repeated sweeps over the same
 model map each parameter once. Entries are keyed by the weight's storage owner (held weakly), its version counter
 (bumped by any in-place update, e.g. an optimiser step), shape, strides and the map; anything else is recomputed.
-Size limit: ``$INSEQ_SEMIRING_WEIGHT_CACHE_MB`` (default 1024; 0 disables).
+Size limit: ``$INSEQ_SEMIRING_WEIGHT_CACHE_MB`` (default 3072, enough for both maps of a ~350M-parameter float32 model; 0 disables).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ _BYTES = [0]
 
 
 def _limit() -> int:
-    return int(float(os.environ.get("INSEQ_SEMIRING_WEIGHT_CACHE_MB", "1024")) * 2**20)
+    return int(float(os.environ.get("INSEQ_SEMIRING_WEIGHT_CACHE_MB", "3072")) * 2**20)
 
 
 def cached_map(w: torch.Tensor, f: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
