@@ -42,6 +42,7 @@ class Path:
     hops: tuple[Hop, ...]
 
     def product(self) -> float:
+        """Signed product of the local weights; equals ``value`` (``|value|`` for ``sign="abs"``)."""
         return math.prod(h.local_weight for h in self.hops)
 
     def to_text(self) -> str:
