@@ -110,16 +110,25 @@ class MatMul:
     in_shape: torch.Size
     out_shape: torch.Size
     static: bool = False  # the weight is a constant (a parameter): mapped copies may be cached across sweeps
+    mat_shapes: tuple | None = None  # (in, out) as matrices when the tensors are vectors (``mv``)
+
+    @property
+    def mat_in(self):
+        return self.in_shape if self.mat_shapes is None else self.mat_shapes[0]
+
+    @property
+    def mat_out(self):
+        return self.out_shape if self.mat_shapes is None else self.mat_shapes[1]
 
     def map_weights(self, f: Callable[[Tensor], Tensor]) -> "MatMul":
         from .weight_cache import cached_map
 
         mapped = cached_map(self.weight, f) if self.static else f(self.weight)
-        return MatMul(mapped, self.left, self.in_shape, self.out_shape, self.static)
+        return MatMul(mapped, self.left, self.in_shape, self.out_shape, self.static, self.mat_shapes)
 
     def entry(self, j: int, i: int) -> float:
-        jj = _flat_to_index(j, self.in_shape)
-        ii = _flat_to_index(i, self.out_shape)
+        jj = _flat_to_index(j, self.mat_in)
+        ii = _flat_to_index(i, self.mat_out)
         batch = ii[:-2] if self.weight.dim() > 2 else ()
         if self.left:
             return float(self.weight[(*batch, ii[-1], jj[-1])])

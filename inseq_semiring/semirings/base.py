@@ -132,7 +132,7 @@ def linear_pull(kind, a: Tensor) -> Tensor:
                         out[rows] = a[rows] @ kind.weight
                     return out
             return a @ kind.weight
-        return kind.weight @ a
+        return (kind.weight @ a.reshape(kind.mat_out)).reshape(kind.in_shape)
     if isinstance(kind, RowDense):
         if kind.entry_map in (abs_weight, neg_w_log_w) and kind.u.shape[0] == 1:
             return _rank1_scaled(RowDense(kind.d, kind.u, kind.v), a, None, kind.entry_map)[0]
@@ -336,14 +336,8 @@ def _scatter_max(kind: IndexMap, a: Tensor, largest: bool = True, empty: float =
     return best.reshape(kind.in_shape), arg.reshape(kind.in_shape)
 
 
-def _out_flat(batch_rows_cols: tuple[Tensor, Tensor, Tensor], out_shape) -> Tensor:
-    b, r, c = batch_rows_cols
-    m, n = out_shape[-2], out_shape[-1]
-    return (b * m + r) * n + c
-
-
 def _matmul_max(kind: MatMul, a: Tensor) -> tuple[Tensor, Tensor]:
-    w, (m, n) = kind.weight, kind.out_shape[-2:]
+    w, (m, n) = kind.weight, kind.mat_out[-2:]
     if kind.left and w.dim() == 2:  # shared weight: every leading row is independent
         rows = a.reshape(-1, n)
         vals, col = _rows_active_max(rows, w)

@@ -212,7 +212,7 @@ def _signed_matmul(kind: MatMul, hi: Tensor, lo: Tensor):
     h = torch.where(reach, hi, torch.zeros_like(hi))
     l = torch.where(reach, lo, torch.zeros_like(lo))
     w = kind.weight
-    m, n = kind.out_shape[-2:]
+    m, n = kind.mat_out[-2:]
     a_h = h.reshape(-1, m, n)
     a_l = l.reshape(-1, m, n)
     r3 = reach.reshape(-1, m, n)
