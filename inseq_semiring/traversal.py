@@ -3,6 +3,7 @@
 For each record, last to first: take the values of its outputs (complete by now, since every consumer comes later
 in the tape), ask the rule table for its edges, pull each output's value through each edge with the semiring,
 combine pulls into the same input tensor inside the operator (``plus_within``) and then across consumers (``plus``).
+A value crossing a dtype boundary (a cast, an autocast region) takes the input's dtype, as autograd's gradients do.
 An output's value is released once its producer has been processed (``on_complete`` sees it first).
 """
 
@@ -40,6 +41,9 @@ def sweep(
                 continue
             covered.add(out)
             value = semiring.pull(kind, outs[out], (rec.index, out, leaf))
+            leaf_dtype = rec.leaves[leaf].dtype
+            if leaf_dtype != rec.outputs[out].dtype:  # a precision island (autocast, float32 norms): as autograd
+                value = semiring.cast(value, leaf_dtype)
             pulled[tid] = value if tid not in pulled else semiring.plus_within(pulled[tid], value)
         if len(covered) < len(outs) and any(i is not None for i in rec.leaf_ids):
             missing = sorted(set(outs) - covered)

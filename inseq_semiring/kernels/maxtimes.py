@@ -7,10 +7,15 @@ Two backends compute the same thing:
 * ``"cpp"`` -- a cache-blocked, register-tiled C++ kernel (float32 / float64, CPU tensors),
   compiled on first use with :func:`torch.utils.cpp_extension.load_inline` and cached under
   ``~/.cache/inseq_semiring/ext/<hash of source and flags>``; a changed source rebuilds.
+  Built with ``-O3 -march=native`` but without ``-ffast-math`` (which would let the compiler
+  assume away NaN/inf and rewrite the strict compare behind the tie rule). Inputs are made
+  contiguous; the batch is flattened and split, with row and column chunks, over torch's
+  intra-op threads (``torch.set_num_threads``).
 * ``"torch"`` -- a pure-PyTorch fallback, device-agnostic (CPU, CUDA, ...), any dtype torch can
   multiply and compare. It never materialises the full ``[*batch, m, k, n]`` product: it walks
-  blocks of the batch, of ``m`` and of ``k`` sized so that one temporary stays under
-  ``_TORCH_CHUNK_BYTES`` and keeps a running max (and argmax) across the ``k`` blocks.
+  blocks of the batch, ``m``, ``n`` and ``k`` sized so that the temporaries stay under
+  ``_TORCH_TARGET_BYTES`` (never more than ``_TORCH_CHUNK_BYTES``) and keeps a running max (and
+  argmax) across the ``k`` blocks.
 
 The C++ backend is used for CPU float32/float64 inputs unless the environment variable
 ``INSEQ_SEMIRING_NO_EXT=1`` is set or the build failed (then a single warning is issued and the
@@ -22,9 +27,11 @@ Semantics shared by both backends (and checked by ``tests/test_maxtimes.py``):
   ``inf * 0`` is NaN as usual.
 * NaN propagates: if any product in the reduction over ``k`` is NaN (a NaN input, or an
   ``inf * 0`` product), the output is NaN. The argmax index at such an output is unspecified
-  (it is some valid index in ``[0, k)``).
+  (some valid index in ``[0, k)``; the torch backend gives the first NaN product's).
 * Ties break to the SMALLEST ``k``: ``k`` is scanned in increasing order and the winner is only
-  replaced by a strictly greater product (``-0.0`` and ``+0.0`` are equal, so they tie).
+  replaced by a strictly greater product. ``-0.0`` and ``+0.0`` are equal, so they tie (the
+  sign of a zero result is unspecified); if every product is ``-inf`` the result is ``-inf``
+  with index 0.
 * Empty contraction (``k == 0``): the result is the semiring zero, ``-inf`` for
   :func:`max_times` (``+inf`` for :func:`min_times`), and the argmax index is ``-1``.
 * The result is a new tensor and is not tracked by autograd.
@@ -36,13 +43,14 @@ import hashlib
 import os
 import platform
 import threading
+import time
 import warnings
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-__all__ = ["max_times", "min_times", "active_backend", "NO_EXT_ENV"]
+__all__ = ["max_times", "min_times", "active_backend", "extension_build_seconds", "NO_EXT_ENV"]
 
 #: Environment variable that, when set to ``1`` (or ``true``/``yes``), forces the torch backend.
 NO_EXT_ENV = "INSEQ_SEMIRING_NO_EXT"
@@ -51,6 +59,8 @@ NO_EXT_ENV = "INSEQ_SEMIRING_NO_EXT"
 _TORCH_CHUNK_BYTES = 64 << 20
 #: Preferred size of one temporary of the torch backend (bytes): small enough to stay in cache.
 _TORCH_TARGET_BYTES = 4 << 20
+#: Preferred number of k rows per block of the torch backend.
+_TORCH_KC = 32
 
 _EXT_DTYPES = (torch.float32, torch.float64)
 
@@ -370,6 +380,12 @@ std::tuple<torch::Tensor, torch::Tensor, bool> max_times_cpu(torch::Tensor a, to
   }
   return std::make_tuple(c, idx, bad);
 }
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
+  mod.def("max_times_cpu", &max_times_cpu, "max-times product of [B,m,k] x [B,k,n]",
+          pybind11::arg("a"), pybind11::arg("b"), pybind11::arg("argmax"),
+          pybind11::call_guard<pybind11::gil_scoped_release>());
+}
 """
 
 _EXT_CFLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math"]
@@ -404,26 +420,40 @@ def _ext_build_dir() -> tuple[str, Path]:
 
 def _cpu_model() -> str:
     # -march=native code must not be reused on another CPU sharing the same home directory.
+    seen: dict[str, str] = {}
     try:
         with open("/proc/cpuinfo") as fh:
             for line in fh:
-                if line.startswith(("model name", "flags", "Features")):
-                    return line.strip()
+                key = line.split(":", 1)[0].strip()
+                if key in ("model name", "flags", "Features", "CPU part") and key not in seen:
+                    seen[key] = line.strip()
     except OSError:
         pass
-    return platform.processor()
+    return "\n".join(seen.values()) or platform.processor()
 
 
-def _load_ext():
-    """Build (first call) or load (later calls) the C++ extension; None if unavailable."""
+def _short_reason(exc: BaseException) -> str:
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    # the compiler's own complaint beats ninja's echo of the (long) command line
+    keys = ("error:", "not found", "no such file", "required", "error")
+    pick = next(
+        (ln for key in keys for ln in reversed(lines) if key in ln.lower() and len(ln) < 400),
+        lines[0] if lines else repr(exc),
+    )
+    return f"{type(exc).__name__}: {pick[:300]}"
+
+
+def _load_ext(stacklevel: int = 2):
+    """Build (first call) or load (later calls) the C++ extension; None if unavailable.
+
+    ``stacklevel`` (for the one-time warning) counts frames from this function to the user code.
+    """
     global _ext_module, _ext_failed, _ext_build_seconds
     if _ext_module is not None or _ext_failed:
         return _ext_module
     with _ext_lock:
         if _ext_module is not None or _ext_failed:
             return _ext_module
-        import time
-
         t0 = time.perf_counter()
         try:
             from torch.utils.cpp_extension import load_inline
@@ -433,7 +463,6 @@ def _load_ext():
             _ext_module = load_inline(
                 name=name,
                 cpp_sources=[_CPP_SOURCE],
-                functions=["max_times_cpu"],
                 extra_cflags=list(_EXT_CFLAGS),
                 build_directory=str(build_dir),
                 verbose=False,
@@ -442,11 +471,11 @@ def _load_ext():
             _ext_failed = True
             warnings.warn(
                 "inseq_semiring: could not build the C++ max-times kernel "
-                f"({type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else exc!r}); "
-                "falling back to the slower pure-PyTorch implementation. "
-                f"Set {NO_EXT_ENV}=1 to skip the build attempt.",
+                f"({_short_reason(exc)}); max_times/min_times fall back to the slower pure-PyTorch "
+                f"implementation for the rest of this process. Set {NO_EXT_ENV}=1 to skip the "
+                "build attempt (it needs a C++ compiler and ninja).",
                 RuntimeWarning,
-                stacklevel=3,
+                stacklevel=stacklevel,
             )
             return None
         _ext_build_seconds = time.perf_counter() - t0
@@ -464,7 +493,7 @@ def active_backend(device: str | torch.device = "cpu", *, build: bool = True) ->
     if torch.device(device).type != "cpu" or _env_no_ext():
         return "torch"
     if _ext_module is None and build:
-        _load_ext()
+        _load_ext(stacklevel=3)
     return "cpp" if _ext_module is not None else "torch"
 
 
@@ -508,44 +537,97 @@ def _check(a: Tensor, b: Tensor, fname: str) -> tuple[Tensor, Tensor]:
 
 
 def _torch_backend(a: Tensor, b: Tensor, argmax: bool) -> tuple[Tensor, Tensor | None]:
-    """Chunked running max over k; the temporary [bc, mc, kc, n] stays under the byte budget."""
+    """Blocked running max over k with reused, size-bounded [bc, mc, kc, nc] buffers.
+
+    Only fast reductions are used (``amax``): ``torch.max(dim)`` with indices runs ~50x slower
+    than ``amax`` on CPU. The argmax of a block is the first ``k`` whose product equals the
+    block max ``v``, found as the max over k of a weight ``kk - k`` kept only where ``p == v``
+    (so ``kc <= 255``). On CPU float32/float64 blocks with a finite ``v``, ``p == v`` is read
+    off ``sign(p - v)`` (0 or -1; exact under IEEE gradual underflow, i.e. unless denormals are
+    flushed), because torch's CPU comparisons are several times slower than arithmetic;
+    otherwise (NaN/inf max, other dtypes, other devices, flushed denormals) ``torch.eq`` is used.
+    """
     nb, m, k = a.shape
     n = b.shape[-1]
     esize = torch.empty((), dtype=a.dtype).element_size()
-    target = max(1, _TORCH_TARGET_BYTES // esize)  # elements per temporary
-    # k block first (fewest python iterations for a given temporary), then m, then batch
-    kc = max(1, min(k, target // max(1, nb * m * n)))
-    mc = max(1, min(m, target // max(1, nb * kc * n)))
-    bc = max(1, min(nb, target // max(1, mc * kc * n)))
-    out = torch.empty((nb, m, n), dtype=a.dtype, device=a.device)
-    idx = torch.empty((nb, m, n), dtype=torch.int64, device=a.device) if argmax else None
+    per_elem = esize + (2 if argmax else 0)  # product (+ bool hit mask and uint8 weights)
+    target = max(1, min(_TORCH_TARGET_BYTES, _TORCH_CHUNK_BYTES) // per_elem)  # elements/block
+    # widest blocks along n (contiguous) first, then up to _TORCH_KC rows of k (enough to
+    # amortise the per-block [mc, nc] bookkeeping), then m and batch, then the rest of k
+    nc = min(n, target)
+    kc = max(1, min(k, _TORCH_KC, target // nc))
+    mc = max(1, min(m, target // (nc * kc)))
+    bc = max(1, min(nb, target // (nc * kc * mc)))
+    kc = max(1, min(k, target // (nc * mc * bc), 255 if argmax else k))
+    floating = a.is_floating_point()
+    dev = a.device
+    fast_eq = argmax and dev.type == "cpu" and a.dtype in _EXT_DTYPES and not _flushes_denormals(a.dtype)
+    out = torch.empty((nb, m, n), dtype=a.dtype, device=dev)
+    idx = torch.empty((nb, m, n), dtype=torch.int64, device=dev) if argmax else None
+    # reused buffers: fresh multi-MB allocations cost page faults on every block
+    buf = torch.empty(bc * mc * kc * nc, dtype=a.dtype, device=dev)
+    if argmax:
+        hit_buf = torch.empty(bc * mc * kc * nc, dtype=torch.bool, device=dev)
+        w_buf = torch.empty(bc * mc * kc * nc, dtype=torch.uint8, device=dev)
+        weights = torch.arange(kc, 0, -1, dtype=torch.uint8, device=dev).view(kc, 1)  # kc - k
+        weights_f = weights.to(a.dtype)
     for b0 in range(0, nb, bc):
-        bs = slice(b0, b0 + bc)
+        b1 = min(nb, b0 + bc)
         for m0 in range(0, m, mc):
-            ms = slice(m0, m0 + mc)
-            run_v = run_i = None
-            for k0 in range(0, k, kc):
-                ks = slice(k0, k0 + kc)
-                prod = a[bs, ms, ks].unsqueeze(-1) * b[bs, ks, :].unsqueeze(-3)  # [bc, mc, kc, n]
-                if argmax:
-                    # torch.max(dim) returns the first maximal index (and a NaN with its index)
-                    v, i = prod.max(dim=-2)
+            m1 = min(m, m0 + mc)
+            for n0 in range(0, n, nc):
+                n1 = min(n, n0 + nc)
+                run_v = run_i = None
+                for k0 in range(0, k, kc):
+                    k1 = min(k, k0 + kc)
+                    kk = k1 - k0
+                    shape = (b1 - b0, m1 - m0, kk, n1 - n0)
+                    numel = shape[0] * shape[1] * kk * shape[3]
+                    prod = buf[:numel].view(shape)
+                    torch.mul(a[b0:b1, m0:m1, k0:k1, None], b[b0:b1, None, k0:k1, n0:n1], out=prod)
+                    v = prod.amax(dim=-2)  # NaN-propagating
+                    if not argmax:
+                        run_v = v if run_v is None else torch.maximum(run_v, v)
+                        continue
+                    # all finite iff the sum is (an overflowing sum only costs the slow path)
+                    v_finite = floating and bool(torch.isfinite(v.sum()))
+                    if fast_eq and v_finite:
+                        # p <= v, and p - v == 0 iff p == v: sign is 0 at hits, -1 elsewhere
+                        prod.sub_(v.unsqueeze(-2)).sign_()
+                        # weight kk - k at hits, negative elsewhere (kk < 256)
+                        torch.add(weights_f[kc - kk :], prod, alpha=256, out=prod)
+                        i = (kk - prod.amax(dim=-2).to(torch.int64)).add_(k0)  # first hit
+                    else:
+                        hit = hit_buf[:numel].view(shape)
+                        w = w_buf[:numel].view(shape)
+                        wk = weights[kc - kk :]  # kk, kk-1, ..., 1
+                        torch.eq(prod, v.unsqueeze(-2), out=hit)
+                        torch.mul(hit, wk, out=w)
+                        i = (kk - w.amax(dim=-2).to(torch.int64)).add_(k0)  # first hit
+                        if floating:
+                            nan_v = torch.isnan(v)
+                            if bool(nan_v.any()):  # a NaN max: point at the first NaN product
+                                torch.mul(torch.isnan(prod), wk, out=w)
+                                i_nan = (kk - w.amax(dim=-2).to(torch.int64)).add_(k0)
+                                i = torch.where(nan_v, i_nan, i)
                     if run_v is None:
                         run_v, run_i = v, i
                     else:
                         upd = v > run_v  # strict: ties keep the earlier (smaller) k
-                        if v.is_floating_point():
+                        if floating and not v_finite:  # a NaN sticks once seen
                             upd |= torch.isnan(v) & ~torch.isnan(run_v)
                         run_v = torch.where(upd, v, run_v)
-                        run_i = torch.where(upd, i + k0, run_i)
-                else:
-                    v = prod.amax(dim=-2)
-                    run_v = v if run_v is None else torch.maximum(run_v, v)  # NaN-propagating
-                del prod
-            out[bs, ms] = run_v
-            if argmax:
-                idx[bs, ms] = run_i
+                        run_i = torch.where(upd, i, run_i)
+                out[b0:b1, m0:m1, n0:n1] = run_v
+                if argmax:
+                    idx[b0:b1, m0:m1, n0:n1] = run_i
     return out, idx
+
+
+def _flushes_denormals(dtype: torch.dtype) -> bool:
+    """Whether CPU arithmetic currently flushes subnormal results to zero (set_flush_denormal)."""
+    smallest_normal = torch.finfo(dtype).tiny
+    return bool(torch.tensor(smallest_normal, dtype=dtype) * 0.5 == 0)  # a subnormal, unless flushed
 
 
 def _nan_fixup(a: Tensor, b: Tensor, out: Tensor) -> None:
@@ -578,7 +660,7 @@ def _use_cpp(a: Tensor) -> object | None:
         return None
     if a.shape[-1] >= 2**31:
         return None
-    return _load_ext()
+    return _load_ext(stacklevel=5)  # user -> max_times -> _max_times_impl -> _use_cpp
 
 
 def _max_times_impl(a: Tensor, b: Tensor, argmax: bool, fname: str, backend: str | None, negate: bool):
@@ -596,6 +678,10 @@ def _max_times_impl(a: Tensor, b: Tensor, argmax: bool, fname: str, backend: str
             out = torch.full((*batch, m, n), fill, dtype=a.dtype, device=a.device)
             idx = torch.full((*batch, m, n), -1, dtype=torch.int64, device=a.device)
             return (out, idx) if argmax else out
+        if a.numel() == 0 or b.numel() == 0:  # empty batch, m or n: nothing to compute
+            out = torch.empty((*batch, m, n), dtype=a.dtype, device=a.device)
+            idx = torch.empty((*batch, m, n), dtype=torch.int64, device=a.device)
+            return (out, idx) if argmax else out
         if negate:  # min_k a*b == -max_k (-a)*b, exactly (negation is exact)
             a = -a
         a3 = a.reshape(-1, m, k).contiguous()
@@ -603,7 +689,7 @@ def _max_times_impl(a: Tensor, b: Tensor, argmax: bool, fname: str, backend: str
         if backend is None:
             ext = _use_cpp(a3)
         elif backend == "cpp":
-            ext = _load_ext() if a3.device.type == "cpu" and a3.dtype in _EXT_DTYPES else None
+            ext = _load_ext(4) if a3.device.type == "cpu" and a3.dtype in _EXT_DTYPES else None
             if ext is None:
                 raise RuntimeError(f"{fname}: the C++ backend is not available for {a3.device}/{a3.dtype}")
         elif backend == "torch":

@@ -4,6 +4,7 @@ A semiring object owns all arithmetic on its values (one value per node tensor; 
 business). The traversal calls only::
 
     seed(root)                     the value of the root (the semiring's one)
+    cast(value, dtype)             the value stored in another dtype (at precision boundaries)
     pull(kind, value, origin)      the value an input receives through one edge kind (inner (+) over outputs)
     plus_within(a, b)              combine two pulls into the same input tensor inside one operator
     plus(a, b)                     combine the values coming from different consumer operators
@@ -20,12 +21,11 @@ import torch
 from torch import Tensor
 
 from ..kernels.maxtimes import max_times
+from ..kernels.rowcore import core_pull_max, core_pull_sum
 from ..rules.jacobians import IndexMap, LayerNormRow, MatMul, Pointwise, Reduction, RowDense
 
 #: Target number of elements of a dense temporary (row-dense chunks, masked max products).
 CHUNK_ELEMENTS = 1 << 22
-#: Elements of a per-row dense core processed at once (small enough to stay in cache).
-ROW_CHUNK_ELEMENTS = 1 << 20
 
 
 def abs_weight(w: Tensor) -> Tensor:
@@ -47,6 +47,10 @@ class Semiring:
 
     def plus_within(self, a, b):
         return self.plus(a, b)
+
+    def cast(self, value, dtype: torch.dtype):
+        """The same value in another floating dtype (used where the graph changes precision)."""
+        return value.to(dtype)
 
 
 # -- shape helpers ----------------------------------------------------------------------------------------------
@@ -190,47 +194,20 @@ def _rank1_scaled(kind: RowDense, z, u, only):
 
 
 def _layernorm_scaled(kind: LayerNormRow, z, u, only):
-    """``|J_ij| = |gain_i| |C_ij|`` and ``-|J| log|J| = |gain_i| (-|C| log|C|)_ij + (-|gain_i| log|gain_i|) |C_ij|``."""
-    n = kind.xh.shape[-1]
-    g = kind.gain.reshape(-1, n)
-    zf = z.reshape(-1, n)
-    p = zf * g.abs()  # z |gain|
-    vec_a = [p]
-    if only is neg_w_log_w:
-        vec_a, vec_b = [zf * neg_w_log_w(g)], [p]
-    elif only is abs_weight:
-        vec_b = []
-    elif only is not None:
-        return linear_pull(LayerNormRow(kind.gain, kind.xh).map_weights(only), z), None
-    else:
-        vec_b = []
-        if u is not None:
-            vec_a.append(u.reshape(-1, n) * g.abs() + zf * neg_w_log_w(g))
-            vec_b = [p]
-    outs_a = [torch.zeros_like(zf) for _ in vec_a]
-    outs_b = torch.zeros_like(zf)
-    active = torch.zeros(zf.shape[0], dtype=torch.bool, device=z.device)
-    for v in vec_a + vec_b:
-        active |= (v != 0).any(-1)
-    rows = active.nonzero().flatten()
-    step = max(1, ROW_CHUNK_ELEMENTS // max(1, n * n))  # a few rows: the dense core stays in cache
-    for start in range(0, rows.numel(), step):
-        sel = rows[start:start + step]
-        mag = kind.core(sel).abs_()
-        if vec_a:
-            res = torch.bmm(torch.stack([v[sel] for v in vec_a], 1), mag)  # [c, k, n]
-            for k, o in enumerate(outs_a):
-                o[sel] = res[:, k]
-        if vec_b:  # -|C| log |C| in place (0 log 0 = 0 through the clamp)
-            nlogn = mag.clamp_min(torch.finfo(mag.dtype).tiny).log_().mul_(mag).neg_()
-            outs_b[sel] = torch.bmm(vec_b[0][sel].unsqueeze(1), nlogn).squeeze(1)
-    shape = z.shape
-    if only is neg_w_log_w:
-        return (outs_a[0] + outs_b).reshape(shape), None
+    """``|J_ij| = |gain_i| A_ij`` and ``-|J| log|J| = |gain_i| B_ij + (-|gain_i| log|gain_i|) A_ij`` with
+    ``A = |C|``, ``B = -A log A`` (:mod:`~inseq_semiring.kernels.rowcore` walks each row's pairs once)."""
+    g = kind.gain
+    p = z * g.abs()  # z |gain|
     if only is abs_weight:
-        return outs_a[0].reshape(shape), None
-    u2 = None if u is None else (outs_a[1] + outs_b).reshape(shape)
-    return outs_a[0].reshape(shape), u2
+        return core_pull_sum(kind.xh, p)[0], None
+    if only is neg_w_log_w:
+        za, ub = core_pull_sum(kind.xh, z * neg_w_log_w(g), pb=p)
+        return za + ub, None
+    if only is not None:
+        return linear_pull(LayerNormRow(kind.gain, kind.xh).map_weights(only), z), None
+    if u is None:
+        return core_pull_sum(kind.xh, p)[0], None
+    return core_pull_sum(kind.xh, p, u * g.abs() + z * neg_w_log_w(g), pb=p)
 
 
 def _rowdense_linear(kind: RowDense, a: Tensor) -> Tensor:
@@ -291,22 +268,13 @@ def _rank1_max(kind: RowDense, a: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _layernorm_max(kind: LayerNormRow, a: Tensor) -> tuple[Tensor, Tensor]:
-    """``max_i a_i |gain_i| |C_ij|`` with one dense core per row."""
-    n = kind.xh.shape[-1]
-    p = (a * (kind.gain.abs() if kind.entry_map is abs_weight else kind.gain)).reshape(-1, n)
-    if kind.entry_map not in (abs_weight,):
+    """``max_i a_i |gain_i| |C_ij|`` (:func:`~inseq_semiring.kernels.rowcore.core_pull_max`)."""
+    if kind.entry_map is not abs_weight:
         return _rowdense_max(kind, a)
-    out = torch.zeros_like(p)
-    base = torch.arange(p.shape[0], device=a.device).unsqueeze(-1) * n
-    arg = (base + torch.arange(n, device=a.device)).clone()
-    rows = (p != 0).any(-1).nonzero().flatten()
-    step = max(1, CHUNK_ELEMENTS // max(1, n * n))
-    for start in range(0, rows.numel(), step):
-        sel = rows[start:start + step]
-        vals, pos = max_times(p[sel].unsqueeze(1), kind.core(sel).abs_(), argmax=True)  # [c, 1, n]
-        out[sel] = vals.squeeze(1)
-        arg[sel] = sel.unsqueeze(-1) * n + pos.squeeze(1)
-    return out.reshape(a.shape), arg.reshape(a.shape)
+    n = kind.xh.shape[-1]
+    vals, pos = core_pull_max(kind.xh, a * kind.gain.abs())
+    rows = torch.arange(a.numel() // n, device=a.device).reshape(a.shape[:-1]).unsqueeze(-1)
+    return vals, rows * n + pos
 
 
 def _scatter_max(kind: IndexMap, a: Tensor, largest: bool = True, empty: float = 0.0) -> tuple[Tensor, Tensor]:

@@ -96,6 +96,9 @@ class MaxPath(Semiring):
         hi, hi_idx, lo, lo_idx = _signed_pull(kind, value.hi, value.lo)
         return self._make(hi, lo, value.log_scale, hi_idx, lo_idx, origin)
 
+    def cast(self, value: MaxValue, dtype: torch.dtype) -> MaxValue:
+        return replace(value, hi=value.hi.to(dtype), lo=None if value.lo is None else value.lo.to(dtype))
+
     def plus_within(self, a: MaxValue, b: MaxValue) -> MaxValue:
         if self.scalar:
             return self.plus(a, b)

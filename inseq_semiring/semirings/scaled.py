@@ -49,6 +49,9 @@ class ScaledSum(Semiring):
         z, u = scaled_pulls(kind, value.z, value.u if self.with_u else None)
         return _renormalise(z, u, value.log_scale)
 
+    def cast(self, value: Scaled, dtype: torch.dtype) -> Scaled:
+        return Scaled(value.z.to(dtype), None if value.u is None else value.u.to(dtype), value.log_scale)
+
     def plus(self, a: Scaled, b: Scaled) -> Scaled:
         top = torch.maximum(a.log_scale, b.log_scale)
         fa = torch.exp(a.log_scale - top).to(a.z.dtype)

@@ -1,0 +1,744 @@
+"""Fused per-row pulls through the |core| of a layer-norm Jacobian.
+
+Layer norm over rows of length ``n`` has the per-row Jacobian ``J = diag(gain) C`` with the
+symmetric core
+
+    C_ij = delta_ij - (1 + xh_i xh_j) / n          (xh = the normalised row)
+
+The flow / entropy / max semirings pull vectors through ``A = |C|`` and ``B = -A log A``
+(``0 log 0 = 0``), one row ``r`` at a time:
+
+* :func:`core_pull_sum` -- ``zA[r, j] = sum_i p[r, i] A_ij`` and, when ``q`` / ``pb`` are
+  given, ``uAB[r, j] = sum_i q[r, i] A_ij + sum_i pb[r, i] B_ij``.
+* :func:`core_pull_max` -- ``vals[r, j] = max_i p[r, i] A_ij`` (``p >= 0``) and ``argi[r, j]``,
+  the SMALLEST ``i`` attaining it.
+
+Two backends compute the same thing:
+
+* ``"cpp"`` -- a C++ kernel (float32 / float64 CPU tensors) that never materialises ``A`` or
+  ``B``: it walks the unordered pairs ``i < j`` of a row once, computes ``|c_ij|`` (and its log)
+  once per pair and lets the pair contribute to both outputs ``j`` and ``i`` (a symmetric
+  matrix-vector product), vectorised with GCC/Clang vector extensions. The log is a hand-written
+  branch-free vector log (Cephes ``logf`` polynomial for float32, fdlibm ``log`` for float64;
+  tested to ~1e-7 / ~1e-16 relative error), so no ``-ffast-math`` or vector math library is
+  needed. ``1 + xh_i xh_j`` is a single fma (one rounding). For float32 the pair terms and short
+  partial sums (at most 32 vectors along ``j``, 32 rows along ``i``) run in float32 at full
+  vector width and are flushed into float64 accumulators: float32 results land within ~1e-7
+  (relative to the size of the terms) of the float64 reference, for ~5-20% over pure-float32
+  accumulation, while accumulating every term in float64 cost ~2x. The diagonal
+  ``c_ii = (n - 1 - xh_i^2) / n`` is computed in float64 (exactly 0 when ``xh_i^2 == n - 1``).
+  Rows whose ``p`` (and ``q``, ``pb``) are all zero are skipped (their outputs are zero; for the
+  max variant ``vals = 0`` and ``argi = 0``). Rows are spread over ``at::parallel_for``.
+  It is compiled on first use with :func:`torch.utils.cpp_extension.load_inline` (the build
+  helpers of :mod:`inseq_semiring.kernels.maxtimes` are reused) and cached under
+  ``~/.cache/inseq_semiring/ext/inseq_semiring_rowcore_<hash of source, flags, CPU>``.
+* ``"torch"`` -- the pure-PyTorch reference, device-agnostic (CPU, CUDA, ...), any floating
+  dtype: it builds ``C`` densely for chunks of rows (one ``[rows, n, n]`` temporary of about
+  ``_TORCH_CHUNK_ELEMS`` elements) and contracts with ``bmm``.
+
+CPU float32/float64 inputs use the C++ backend unless ``INSEQ_SEMIRING_NO_EXT=1`` is set or the
+build failed (then one warning is issued and the torch backend is used from then on).
+
+Inputs are assumed finite (``xh`` is a normalised row). A NaN in ``p`` / ``q`` / ``pb``
+propagates into the sums as with the reference; for :func:`core_pull_max` NaN or negative ``p``
+gives unspecified results. The results are new tensors, not tracked by autograd.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import math
+import platform
+import threading
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from .maxtimes import NO_EXT_ENV, _cpu_model, _env_no_ext, _short_reason
+
+__all__ = ["core_pull_sum", "core_pull_max", "active_backend", "extension_build_seconds", "NO_EXT_ENV"]
+
+#: Elements of one dense ``[rows, n, n]`` temporary of the torch backend (rows are chunked).
+_TORCH_CHUNK_ELEMS = 1 << 20
+
+_EXT_DTYPES = (torch.float32, torch.float64)
+
+# The kernels proper: plain C++ (no torch headers), so they can also be compiled stand-alone.
+_CPP_KERNELS = r"""
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <new>
+#include <type_traits>
+
+// Register width for the widest ISA enabled by -march=native.
+#if defined(__AVX512F__)
+#define RC_VBYTES 64
+#elif defined(__AVX__)
+#define RC_VBYTES 32
+#else
+#define RC_VBYTES 16
+#endif
+
+namespace {
+
+template <typename T> struct Bits;
+template <> struct Bits<float> {
+  typedef int32_t I;
+  typedef uint32_t U;
+  static constexpr U ABS = 0x7fffffffu;
+};
+template <> struct Bits<double> {
+  typedef int64_t I;
+  typedef uint64_t U;
+  static constexpr U ABS = 0x7fffffffffffffffull;
+};
+
+// W lanes of T (GCC/Clang vector extensions), with integer vectors of the same lane width (a
+// compare of two V gives an IV mask).
+template <typename T, int W> struct Vec {
+  typedef T V __attribute__((vector_size(W * sizeof(T))));
+  typedef typename Bits<T>::I IV __attribute__((vector_size(W * sizeof(T))));
+  typedef typename Bits<T>::U UV __attribute__((vector_size(W * sizeof(T))));
+};
+
+template <typename V, typename T> static inline V vload(const T* p) {
+  V v;
+  std::memcpy(&v, p, sizeof(V));
+  return v;
+}
+template <typename V, typename T> static inline void vstore(T* p, const V& v) {
+  std::memcpy(p, &v, sizeof(V));
+}
+template <typename V, typename U> static inline V bitcast(const U& u) {
+  static_assert(sizeof(V) == sizeof(U), "bitcast size");
+  V v;
+  std::memcpy(&v, &u, sizeof(V));
+  return v;
+}
+
+template <typename T, int W> static inline typename Vec<T, W>::V vabs(typename Vec<T, W>::V v) {
+  typedef typename Vec<T, W>::V V;
+  typedef typename Vec<T, W>::UV UV;
+  return bitcast<V>(bitcast<UV>(v) & Bits<T>::ABS);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Branch-free vector natural log for positive normal x: x = 2^k m with m in [sqrt(1/2), sqrt(2)),
+// log x = k log 2 + log1p(m - 1). x = 0 gives a finite value (about -88 / -709), so 0 * log 0
+// comes out as 0 without a special case. Denormals, inf and NaN are not handled (not needed:
+// the arguments are |c_ij| of finite rows).
+//   float:  Cephes logf, log1p(f) = f - f^2/2 + f^3 P(f)            (~1 ulp)
+//   double: fdlibm log, s = f/(2+f), log1p(f) = f - hfsq + s (hfsq + R(s^2))   (< 1 ulp)
+// ---------------------------------------------------------------------------------------------
+template <typename T, int W> static inline typename Vec<T, W>::V vlog(typename Vec<T, W>::V x) {
+  typedef typename Vec<T, W>::V V;
+  typedef typename Vec<T, W>::IV IV;
+  typedef typename Vec<T, W>::UV UV;
+  const IV u = bitcast<IV>(x);
+  if constexpr (std::is_same<T, float>::value) {
+    const IV k = (u - 0x3f3504f3) >> 23;  // bits of sqrt(1/2); arithmetic shift
+    const V f = bitcast<V>(u - bitcast<IV>(bitcast<UV>(k) << 23)) - 1.0f;
+    const V kf = __builtin_convertvector(k, V);
+    const V z = f * f;
+    V y = 7.0376836292E-2f * f - 1.1514610310E-1f;
+    y = y * f + 1.1676998740E-1f;
+    y = y * f - 1.2420140846E-1f;
+    y = y * f + 1.4249322787E-1f;
+    y = y * f - 1.6668057665E-1f;
+    y = y * f + 2.0000714765E-1f;
+    y = y * f - 2.4999993993E-1f;
+    y = y * f + 3.3333331174E-1f;
+    y = y * f * z;
+    y = kf * -2.12194440e-4f + y;
+    y = z * -0.5f + y;
+    return kf * 0.693359375f + (f + y);
+  } else {
+    const IV k = (u - 0x3fe6a09e667f3bcdLL) >> 52;
+    const V f = bitcast<V>(u - bitcast<IV>(bitcast<UV>(k) << 52)) - 1.0;
+    const V kf = __builtin_convertvector(k, V);
+    const V s = f / (2.0 + f);
+    const V z = s * s;
+    const V w = z * z;
+    const V t1 = w * (3.999999999940941908e-01 + w * (2.222219843214978396e-01 + w * 1.531383769920937332e-01));
+    const V t2 = z * (6.666666666666735130e-01 +
+                      w * (2.857142874366239149e-01 + w * (1.818357216161805012e-01 + w * 1.479819860511658591e-01)));
+    const V hfsq = 0.5 * f * f;
+    return kf * 6.93147180369123816490e-01 -
+           ((hfsq - (s * (hfsq + (t2 + t1)) + kf * 1.90821492927058770002e-10)) - f);
+  }
+}
+
+template <typename T> struct Buf {  // 64-byte aligned scratch, grown on demand
+  T* p = nullptr;
+  size_t n = 0;
+  T* get(size_t want) {
+    if (want > n) {
+      std::free(p);
+      size_t bytes = ((want * sizeof(T) + 63) / 64) * 64;
+      p = static_cast<T*>(std::aligned_alloc(64, bytes));
+      if (!p) throw std::bad_alloc();
+      n = want;
+    }
+    return p;
+  }
+  ~Buf() { std::free(p); }
+};
+
+// The diagonal |c_ii| in double: c_ii = ((n - 1) - x^2) / n, exactly 0 when x^2 == n - 1.
+static inline double diag_abs(double x, int64_t n) {
+  return std::fabs((double(n - 1) - x * x) / double(n));
+}
+
+template <typename T> struct SumWork {
+  Buf<T> x, p, q, b, z, u;
+  Buf<double> zd, ud;
+};
+
+// One row of core_pull_sum: z[j] = sum_i p_i A_ij, u[j] = sum_i q_i A_ij + pb_i B_ij.
+// HQ: q given, HB: pb given (only then is the log needed). Pairs i < j, W at a time: the
+// j-outputs get a vector update (z[j..j+W) += p_i a_ij), the i-output a lane-wise running sum
+// (sum_j p_j a_ij) reduced after each segment of the inner loop. Everything runs in T; for
+// float the partial sums are short (<= RC_SEG vectors per lane along j, <= RC_FLUSH rows along
+// i) and are flushed into double accumulators, which keeps float32 results within ~1e-7 of the
+// float64 reference at almost no cost (full double accumulation would halve the vector width).
+#ifndef RC_SEG
+#define RC_SEG 32
+#endif
+#ifndef RC_FLUSH
+#define RC_FLUSH 32
+#endif
+template <typename T, bool HQ, bool HB>
+static void row_sum(const T* x, const T* p, const T* q, const T* pb, int64_t n, T* oz, T* ou,
+                    SumWork<T>& wk) {
+  constexpr bool HU = HQ || HB;
+  constexpr bool FL = std::is_same<T, float>::value;  // flush float partial sums into double
+  constexpr int W = RC_VBYTES / sizeof(T);
+  typedef typename Vec<T, W>::V V;
+  bool live = false;
+  for (int64_t i = 0; i < n && !live; ++i)
+    live = p[i] != T(0) || (HQ && q[i] != T(0)) || (HB && pb[i] != T(0));
+  if (!live) {
+    std::fill(oz, oz + n, T(0));
+    if (HU) std::fill(ou, ou + n, T(0));
+    return;
+  }
+  // zero padding: the inner loop may run W - 1 lanes past n (x = 0, p = q = pb = 0 there)
+  const size_t np = static_cast<size_t>(n + W);
+  T* xs = wk.x.get(np);
+  T* ps = wk.p.get(np);
+  T* qs = HQ ? wk.q.get(np) : nullptr;
+  T* bs = HB ? wk.b.get(np) : nullptr;
+  T* za = wk.z.get(np);
+  T* ua = HU ? wk.u.get(np) : nullptr;
+  double* zd = FL ? wk.zd.get(np) : nullptr;
+  double* ud = FL && HU ? wk.ud.get(np) : nullptr;
+  for (size_t i = 0; i < np; ++i) {
+    const bool in = i < static_cast<size_t>(n);
+    xs[i] = in ? x[i] : T(0);
+    ps[i] = in ? p[i] : T(0);
+    if (HQ) qs[i] = in ? q[i] : T(0);
+    if (HB) bs[i] = in ? pb[i] : T(0);
+    za[i] = T(0);
+    if (HU) ua[i] = T(0);
+    if (FL) zd[i] = 0.0;
+    if (FL && HU) ud[i] = 0.0;
+  }
+  const T invn = static_cast<T>(1.0 / static_cast<double>(n));
+  for (int64_t i = 0; i < n; ++i) {
+    const T xi = xs[i];
+    const T pi = ps[i];
+    const T qi = HQ ? qs[i] : T(0);
+    const T bi = HB ? bs[i] : T(0);
+    const double ad = diag_abs(double(xi), n);
+    const double bd = ad > 0.0 ? -ad * std::log(ad) : 0.0;
+    double tz = double(pi) * ad, tu = 0.0;
+    if (HQ) tu += double(qi) * ad;
+    if (HB) tu += double(bi) * bd;
+    for (int64_t j0 = i + 1; j0 < n; j0 += RC_SEG * W) {
+      const int64_t j1 = std::min<int64_t>(n, j0 + RC_SEG * W);
+      V sz = V{} + T(0), su = V{} + T(0);
+      for (int64_t j = j0; j < j1; j += W) {
+        const V a = vabs<T, W>(vload<V>(xs + j) * xi + T(1)) * invn;  // |c_ij|; 1 + xi xj is one fma
+        vstore(za + j, vload<V>(za + j) + a * pi);
+        sz += a * vload<V>(ps + j);
+        if (HU) {
+          V uj = vload<V>(ua + j);
+          if (HQ) {
+            uj += a * qi;
+            su += a * vload<V>(qs + j);
+          }
+          if (HB) {
+            const V al = a * vlog<T, W>(a);  // -B_ij
+            uj -= al * bi;
+            su -= al * vload<V>(bs + j);
+          }
+          vstore(ua + j, uj);
+        }
+      }
+      for (int l = 0; l < W; ++l) {
+        tz += double(sz[l]);
+        if (HU) tu += double(su[l]);
+      }
+    }
+    if (FL) {
+      zd[i] += tz;
+      if (HU) ud[i] += tu;
+      if ((i + 1) % RC_FLUSH == 0 || i + 1 == n) {  // columns j > i - RC_FLUSH + 1 got updates
+        for (int64_t j = std::max<int64_t>(0, i + 2 - RC_FLUSH); j < n; ++j) {
+          zd[j] += double(za[j]);
+          za[j] = T(0);
+          if (HU) {
+            ud[j] += double(ua[j]);
+            ua[j] = T(0);
+          }
+        }
+      }
+    } else {
+      za[i] += T(tz);
+      if (HU) ua[i] += T(tu);
+    }
+  }
+  for (int64_t j = 0; j < n; ++j) {
+    oz[j] = FL ? static_cast<T>(zd[j]) : za[j];
+    if (HU) ou[j] = FL ? static_cast<T>(ud[j]) : ua[j];
+  }
+}
+
+template <typename T> struct MaxWork {
+  Buf<T> x, p, v;
+  Buf<typename Bits<T>::I> ix;
+};
+
+// One row of core_pull_max: vals[j] = max_i p_i |c_ij|, idx[j] = the smallest i attaining it.
+// Output j receives its candidates in increasing i: i < j from the outer loop (vector updates of
+// vals[j], a strict > keeps the earlier i), then i = j (diagonal), then i > j (lane-wise running
+// maxima over the inner loop, reduced with ties going to the smaller index).
+template <typename T>
+static void row_max(const T* x, const T* p, int64_t n, T* ov, int64_t* oi, MaxWork<T>& wk) {
+  constexpr int W = RC_VBYTES / sizeof(T);
+  typedef typename Vec<T, W>::V V;
+  typedef typename Vec<T, W>::IV IV;
+  typedef typename Bits<T>::I I;
+  bool live = false;
+  for (int64_t i = 0; i < n && !live; ++i) live = p[i] != T(0);
+  if (!live) {
+    std::fill(ov, ov + n, T(0));
+    std::fill(oi, oi + n, int64_t(0));
+    return;
+  }
+  const size_t np = static_cast<size_t>(n + W);
+  T* xs = wk.x.get(np);
+  T* ps = wk.p.get(np);
+  T* vs = wk.v.get(np);
+  I* is = wk.ix.get(np);
+  for (size_t i = 0; i < np; ++i) {
+    const bool in = i < static_cast<size_t>(n);
+    xs[i] = in ? x[i] : T(0);
+    ps[i] = in ? p[i] : T(0);
+    vs[i] = -std::numeric_limits<T>::infinity();
+    is[i] = I(0);
+  }
+  const T invn = static_cast<T>(1.0 / static_cast<double>(n));
+  IV lane;
+  for (int l = 0; l < W; ++l) lane[l] = I(l);
+  for (int64_t i = 0; i < n; ++i) {
+    const T xi = xs[i];
+    const T pi = ps[i];
+    const IV iv = IV{} + I(i);
+    V bv = V{} - std::numeric_limits<T>::infinity();
+    IV bi = IV{} + I(0);
+    for (int64_t j = i + 1; j < n; j += W) {
+      const V a = vabs<T, W>(vload<V>(xs + j) * xi + T(1)) * invn;
+      const V c1 = a * pi;  // candidate i for the outputs j..j+W
+      const V vj = vload<V>(vs + j);
+      const IV m1 = c1 > vj;
+      vstore(vs + j, m1 ? c1 : vj);
+      vstore(is + j, m1 ? iv : vload<IV>(is + j));
+      const V c2 = a * vload<V>(ps + j);  // candidates j..j+W for the output i
+      const IV m2 = c2 > bv;
+      bv = m2 ? c2 : bv;
+      bi = m2 ? lane + I(j) : bi;
+    }
+    T best = vs[i];
+    I bidx = is[i];
+    const T d = pi * static_cast<T>(diag_abs(double(xi), n));
+    if (d > best) {
+      best = d;
+      bidx = I(i);
+    }
+    T lv = -std::numeric_limits<T>::infinity();
+    I li = I(0);
+    for (int l = 0; l < W; ++l)
+      if (bv[l] > lv || (bv[l] == lv && bi[l] < li)) {
+        lv = bv[l];
+        li = bi[l];
+      }
+    if (lv > best) {
+      best = lv;
+      bidx = li;
+    }
+    vs[i] = best;
+    is[i] = bidx;
+  }
+  for (int64_t j = 0; j < n; ++j) {
+    ov[j] = vs[j];
+    oi[j] = static_cast<int64_t>(is[j]);
+  }
+}
+
+// The kernel's vector log over an array (test hook).
+template <typename T> static void log_array(const T* x, T* y, int64_t n) {
+  constexpr int W = RC_VBYTES / sizeof(T);
+  typedef typename Vec<T, W>::V V;
+  for (int64_t i = 0; i < n; i += W) {
+    T buf[W];
+    for (int l = 0; l < W; ++l) buf[l] = i + l < n ? x[i + l] : T(1);
+    const V r = vlog<T, W>(vload<V>(buf));
+    for (int l = 0; l < W && i + l < n; ++l) y[i + l] = r[l];
+  }
+}
+
+}  // namespace
+"""
+
+_CPP_BINDINGS = r"""
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+namespace {
+
+template <typename T, bool HQ, bool HB>
+static void sum_all(const torch::Tensor& xh, const torch::Tensor& p, const torch::Tensor& q,
+                    const torch::Tensor& pb, torch::Tensor& z, torch::Tensor& u) {
+  const int64_t R = xh.size(0), n = xh.size(1);
+  const T* X = xh.data_ptr<T>();
+  const T* P = p.data_ptr<T>();
+  const T* Q = HQ ? q.data_ptr<T>() : nullptr;
+  const T* PB = HB ? pb.data_ptr<T>() : nullptr;
+  T* Z = z.data_ptr<T>();
+  T* U = (HQ || HB) ? u.data_ptr<T>() : nullptr;
+  at::parallel_for(0, R, 1, [&](int64_t beg, int64_t end) {
+    SumWork<T> wk;
+    for (int64_t r = beg; r < end; ++r)
+      row_sum<T, HQ, HB>(X + r * n, P + r * n, HQ ? Q + r * n : nullptr, HB ? PB + r * n : nullptr, n,
+                         Z + r * n, (HQ || HB) ? U + r * n : nullptr, wk);
+  });
+}
+
+template <typename T>
+static void sum_dispatch(const torch::Tensor& xh, const torch::Tensor& p, const torch::Tensor& q,
+                         const torch::Tensor& pb, bool hq, bool hb, torch::Tensor& z, torch::Tensor& u) {
+  if (hq && hb) sum_all<T, true, true>(xh, p, q, pb, z, u);
+  else if (hq) sum_all<T, true, false>(xh, p, q, pb, z, u);
+  else if (hb) sum_all<T, false, true>(xh, p, q, pb, z, u);
+  else sum_all<T, false, false>(xh, p, q, pb, z, u);
+}
+
+static void check_2d(const torch::Tensor& t, const torch::Tensor& xh, const char* what) {
+  TORCH_CHECK(t.dim() == 2 && t.sizes() == xh.sizes(), "rowcore: ", what, " must have the shape of xh");
+  TORCH_CHECK(t.is_contiguous() && t.scalar_type() == xh.scalar_type() && t.device().is_cpu(),
+              "rowcore: ", what, " must be a contiguous CPU tensor of xh's dtype");
+}
+
+}  // namespace
+
+// xh, p (and q / pb when has_q / has_pb): [R, n] contiguous CPU float32/float64.
+// Returns (zA, uAB) with uAB an empty tensor when neither q nor pb is given.
+std::tuple<torch::Tensor, torch::Tensor> core_pull_sum_cpu(torch::Tensor xh, torch::Tensor p, torch::Tensor q,
+                                                           torch::Tensor pb, bool has_q, bool has_pb) {
+  TORCH_CHECK(xh.dim() == 2, "core_pull_sum_cpu: expected 2-D inputs");
+  TORCH_CHECK(xh.size(1) < (int64_t(1) << 31), "core_pull_sum_cpu: rows too long");
+  check_2d(xh, xh, "xh");
+  check_2d(p, xh, "p");
+  if (has_q) check_2d(q, xh, "q");
+  if (has_pb) check_2d(pb, xh, "pb");
+  auto z = torch::empty_like(xh);
+  auto u = (has_q || has_pb) ? torch::empty_like(xh) : torch::empty({0}, xh.options());
+  if (xh.numel() == 0) return std::make_tuple(z, u);
+  if (xh.scalar_type() == torch::kFloat32) sum_dispatch<float>(xh, p, q, pb, has_q, has_pb, z, u);
+  else if (xh.scalar_type() == torch::kFloat64) sum_dispatch<double>(xh, p, q, pb, has_q, has_pb, z, u);
+  else TORCH_CHECK(false, "core_pull_sum_cpu: only float32 and float64 are supported");
+  return std::make_tuple(z, u);
+}
+
+std::tuple<torch::Tensor, torch::Tensor> core_pull_max_cpu(torch::Tensor xh, torch::Tensor p) {
+  TORCH_CHECK(xh.dim() == 2, "core_pull_max_cpu: expected 2-D inputs");
+  TORCH_CHECK(xh.size(1) < (int64_t(1) << 31), "core_pull_max_cpu: rows too long");
+  check_2d(xh, xh, "xh");
+  check_2d(p, xh, "p");
+  auto v = torch::empty_like(xh);
+  auto idx = torch::empty(xh.sizes(), xh.options().dtype(torch::kInt64));
+  const int64_t R = xh.size(0), n = xh.size(1);
+  if (xh.numel() == 0) return std::make_tuple(v, idx);
+  int64_t* I = idx.data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES(xh.scalar_type(), "core_pull_max_cpu", [&] {
+    const scalar_t* X = xh.data_ptr<scalar_t>();
+    const scalar_t* P = p.data_ptr<scalar_t>();
+    scalar_t* Vp = v.data_ptr<scalar_t>();
+    at::parallel_for(0, R, 1, [&](int64_t beg, int64_t end) {
+      MaxWork<scalar_t> wk;
+      for (int64_t r = beg; r < end; ++r) row_max<scalar_t>(X + r * n, P + r * n, n, Vp + r * n, I + r * n, wk);
+    });
+  });
+  return std::make_tuple(v, idx);
+}
+
+// Test hook: the vector log applied elementwise (x > 0 normal, or 0).
+torch::Tensor fast_log_cpu(torch::Tensor x) {
+  x = x.contiguous();
+  auto y = torch::empty_like(x);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fast_log_cpu",
+                             [&] { log_array<scalar_t>(x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), x.numel()); });
+  return y;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
+  mod.def("core_pull_sum_cpu", &core_pull_sum_cpu, "sum_i p_i |C_ij| (+ q_i |C_ij| + pb_i B_ij) per row",
+          pybind11::arg("xh"), pybind11::arg("p"), pybind11::arg("q"), pybind11::arg("pb"),
+          pybind11::arg("has_q"), pybind11::arg("has_pb"), pybind11::call_guard<pybind11::gil_scoped_release>());
+  mod.def("core_pull_max_cpu", &core_pull_max_cpu, "max_i p_i |C_ij| and the smallest argmax per row",
+          pybind11::arg("xh"), pybind11::arg("p"), pybind11::call_guard<pybind11::gil_scoped_release>());
+  mod.def("fast_log_cpu", &fast_log_cpu, "the kernel's vector log (test hook)", pybind11::arg("x"),
+          pybind11::call_guard<pybind11::gil_scoped_release>());
+}
+"""
+
+_CPP_SOURCE = _CPP_KERNELS + _CPP_BINDINGS
+
+# -ffp-contract=fast: 1 + xh_i xh_j becomes one fma (one rounding; torch's extension build uses
+# an ISO -std=c++NN, where GCC's default is off). No -ffast-math: NaNs must propagate through the sums,
+# and the max kernel's strict compares implement the tie rule.
+_EXT_CFLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=fast"]
+
+_ext_lock = threading.Lock()
+_ext_module = None
+_ext_failed = False
+_ext_build_seconds: float | None = None
+
+
+def _ext_build_dir() -> tuple[str, Path]:
+    key = "\n".join(
+        [_CPP_SOURCE, " ".join(_EXT_CFLAGS), torch.__version__, platform.python_version(), platform.machine(), _cpu_model()]
+    )
+    name = f"inseq_semiring_rowcore_{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+    return name, Path.home() / ".cache" / "inseq_semiring" / "ext" / name
+
+
+def _load_ext():
+    """Build (first call) or load (later calls) the C++ extension; None if unavailable."""
+    global _ext_module, _ext_failed, _ext_build_seconds
+    if _ext_module is not None or _ext_failed:
+        return _ext_module
+    with _ext_lock:
+        if _ext_module is not None or _ext_failed:
+            return _ext_module
+        t0 = time.perf_counter()
+        try:
+            from torch.utils.cpp_extension import load_inline
+
+            name, build_dir = _ext_build_dir()
+            build_dir.mkdir(parents=True, exist_ok=True)
+            _ext_module = load_inline(
+                name=name,
+                cpp_sources=[_CPP_SOURCE],
+                extra_cflags=list(_EXT_CFLAGS),
+                build_directory=str(build_dir),
+                verbose=False,
+            )
+        except Exception as exc:  # no compiler, no ninja, compile error, ...
+            _ext_failed = True
+            warnings.warn(
+                "inseq_semiring: could not build the C++ layer-norm core kernel "
+                f"({_short_reason(exc)}); core_pull_sum/core_pull_max fall back to the slower pure-PyTorch "
+                f"implementation for the rest of this process. Set {NO_EXT_ENV}=1 to skip the build attempt "
+                "(it needs a C++ compiler and ninja).",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            return None
+        _ext_build_seconds = time.perf_counter() - t0
+        return _ext_module
+
+
+def active_backend(device: str | torch.device = "cpu", *, build: bool = True) -> str:
+    """Which backend float32/float64 tensors on ``device`` get: ``"cpp"`` or ``"torch"``.
+
+    For CPU with ``build=True`` (default) this builds/loads the extension if needed, so the answer
+    is definitive; with ``build=False`` it reports ``"cpp"`` only if already loaded.
+    """
+    if torch.device(device).type != "cpu" or _env_no_ext():
+        return "torch"
+    if _ext_module is None and build:
+        _load_ext()
+    return "cpp" if _ext_module is not None else "torch"
+
+
+def extension_build_seconds() -> float | None:
+    """Seconds the first extension load of this process took (a compile, or a cache load)."""
+    return _ext_build_seconds
+
+
+# ------------------------------------------------------------------------------------------
+# argument checking
+# ------------------------------------------------------------------------------------------
+
+
+def _check(fname: str, xh: Tensor, **others: Tensor | None) -> list[Tensor | None]:
+    given = {"xh": xh, **{k: v for k, v in others.items() if v is not None}}
+    for k, v in given.items():
+        if not isinstance(v, Tensor):
+            raise TypeError(f"{fname}: {k} must be a torch.Tensor, got {type(v).__name__}")
+    if xh.dim() < 1:
+        raise ValueError(f"{fname}: xh must have at least 1 dim ([*rows, n]); got xh.shape={tuple(xh.shape)}")
+    if any(v.shape != xh.shape for v in given.values()):
+        shapes = ", ".join(f"{k}.shape={tuple(v.shape)}" for k, v in given.items())
+        raise ValueError(f"{fname}: shape mismatch, {shapes}; all must be [*rows, n] with the shape of xh")
+    devices = {v.device for v in given.values()}
+    if len(devices) > 1:
+        raise ValueError(f"{fname}: inputs are on different devices ({', '.join(map(str, devices))})")
+    dtype = functools.reduce(torch.promote_types, [v.dtype for v in given.values()])
+    if not dtype.is_floating_point:
+        raise TypeError(f"{fname}: expected floating-point inputs, got {', '.join(str(v.dtype) for v in given.values())}")
+    rows, n = math.prod(xh.shape[:-1]), xh.shape[-1]
+    return [None if v is None else v.detach().to(dtype).reshape(rows, n).contiguous() for v in (xh, *others.values())]
+
+
+def _select(fname: str, xh2: Tensor, backend: str | None):
+    """The compiled module for the C++ backend, or None for the torch backend."""
+    cpp_ok = xh2.device.type == "cpu" and xh2.dtype in _EXT_DTYPES and xh2.shape[-1] < 2**31
+    if backend is None:
+        return _load_ext() if cpp_ok and not _env_no_ext() else None
+    if backend == "cpp":
+        ext = _load_ext() if cpp_ok else None
+        if ext is None:
+            raise RuntimeError(f"{fname}: the C++ backend is not available for {xh2.device}/{xh2.dtype}")
+        return ext
+    if backend == "torch":
+        return None
+    raise ValueError(f"{fname}: backend must be None, 'cpp' or 'torch', got {backend!r}")
+
+
+# ------------------------------------------------------------------------------------------
+# torch backend: dense |C| for chunks of rows
+# ------------------------------------------------------------------------------------------
+
+
+def _dense_core(xh: Tensor) -> Tensor:
+    """``C`` for the rows of ``xh`` ([k, n] -> [k, n, n])."""
+    n = xh.shape[-1]
+    c = torch.baddbmm(
+        torch.full((1, 1, 1), -1.0 / n, dtype=xh.dtype, device=xh.device),
+        xh.unsqueeze(-1),
+        xh.unsqueeze(-2),
+        alpha=-1.0 / n,
+    )
+    c.diagonal(dim1=-2, dim2=-1).add_(1.0)
+    return c
+
+
+def _row_chunks(live: Tensor, n: int):
+    """Row index groups (slices when every row is live, index tensors otherwise) of bounded size."""
+    step = max(1, _TORCH_CHUNK_ELEMS // max(1, n * n))
+    rows = live.nonzero().flatten()
+    if rows.numel() == live.numel():
+        for r0 in range(0, live.numel(), step):
+            yield slice(r0, min(live.numel(), r0 + step))
+    else:
+        for r0 in range(0, rows.numel(), step):
+            yield rows[r0 : r0 + step]
+
+
+def _torch_sum(xh: Tensor, p: Tensor, q: Tensor | None, pb: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    n = xh.shape[-1]
+    z = torch.zeros_like(p)
+    u = None if q is None and pb is None else torch.zeros_like(p)
+    live = p != 0
+    for t in (q, pb):
+        if t is not None:
+            live |= t != 0
+    for idx in _row_chunks(live.any(-1), n):
+        a = _dense_core(xh[idx]).abs_()
+        z[idx] = torch.bmm(p[idx].unsqueeze(-2), a).squeeze(-2)
+        if u is not None:
+            acc = torch.bmm(q[idx].unsqueeze(-2), a).squeeze(-2) if q is not None else None
+            if pb is not None:
+                b = torch.xlogy(a, a).neg_()
+                t = torch.bmm(pb[idx].unsqueeze(-2), b).squeeze(-2)
+                acc = t if acc is None else acc.add_(t)
+            u[idx] = acc
+    return z, u
+
+
+def _torch_max(xh: Tensor, p: Tensor) -> tuple[Tensor, Tensor]:
+    n = xh.shape[-1]
+    vals = torch.zeros_like(p)
+    argi = torch.zeros(p.shape, dtype=torch.int64, device=p.device)
+    for idx in _row_chunks((p != 0).any(-1), n):
+        prod = _dense_core(xh[idx]).abs_().mul_(p[idx].unsqueeze(-1))  # [k, i, j] = p_i |C_ij|
+        v = prod.amax(-2)
+        vals[idx] = v
+        argi[idx] = prod.eq_(v.unsqueeze(-2)).to(torch.uint8).argmax(-2)  # first i attaining the max
+    return vals, argi
+
+
+# ------------------------------------------------------------------------------------------
+# public API
+# ------------------------------------------------------------------------------------------
+
+
+def core_pull_sum(
+    xh: Tensor, p: Tensor, q: Tensor | None = None, pb: Tensor | None = None, *, _backend: str | None = None
+) -> tuple[Tensor, Tensor | None]:
+    """Per-row pulls through ``A = |C|`` and ``B = -A log A`` of the layer-norm core ``C``.
+
+    Args:
+        xh: ``[*rows, n]`` normalised rows (``C_ij = delta_ij - (1 + xh_i xh_j) / n``).
+        p: ``[*rows, n]``, pulled through ``A``.
+        q, pb: optional ``[*rows, n]``; when either is given ``uAB = q A + pb B`` is returned too
+            (a missing one counts as zero).
+
+    Returns:
+        ``(zA, uAB)``: ``zA[r, j] = sum_i p[r, i] A_ij`` and ``uAB[r, j] = sum_i q[r, i] A_ij +
+        sum_i pb[r, i] B_ij`` (``None`` when neither ``q`` nor ``pb`` is given), shape
+        ``[*rows, n]``, the promoted dtype of the inputs.
+
+    Raises ValueError naming the shapes when the inputs' shapes differ. ``_backend``
+    (``None``/``"cpp"``/``"torch"``) overrides the automatic choice (tests and benchmarks).
+    """
+    x2, p2, q2, b2 = _check("core_pull_sum", xh, p=p, q=q, pb=pb)
+    with torch.no_grad():
+        ext = _select("core_pull_sum", x2, _backend)
+        if ext is not None:
+            z, u = ext.core_pull_sum_cpu(x2, p2, q2 if q2 is not None else p2, b2 if b2 is not None else p2,
+                                         q2 is not None, b2 is not None)
+            if q2 is None and b2 is None:
+                u = None
+        else:
+            z, u = _torch_sum(x2, p2, q2, b2)
+    shape = xh.shape
+    return z.reshape(shape), (None if u is None else u.reshape(shape))
+
+
+def core_pull_max(xh: Tensor, p: Tensor, *, _backend: str | None = None) -> tuple[Tensor, Tensor]:
+    """Per-row max pull through ``A = |C|``: ``vals[r, j] = max_i p[r, i] A_ij`` (``p >= 0``).
+
+    Returns ``(vals, argi)``, both ``[*rows, n]``; ``argi`` (int64) is the SMALLEST ``i``
+    attaining the max (a row of zeros gives ``vals = 0``, ``argi = 0``). Same argument rules as
+    :func:`core_pull_sum`.
+    """
+    x2, p2 = _check("core_pull_max", xh, p=p)
+    with torch.no_grad():
+        ext = _select("core_pull_max", x2, _backend)
+        if ext is not None:
+            v, i = ext.core_pull_max_cpu(x2, p2)
+        else:
+            v, i = _torch_max(x2, p2)
+    return v.reshape(xh.shape), i.reshape(xh.shape)
