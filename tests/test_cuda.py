@@ -46,5 +46,8 @@ def test_cuda_matches_cpu_and_autograd(arch):
             for s, sign in (("flow", "abs"), ("entropy", "abs"), ("maxpath", "abs"), ("maxpath", "positive"),
                             ("maxpath", "negative"))
         }
+    # Llama's RMSNorm computes in float32 even in a float64 model (a float32 island), where CPU and CUDA round
+    # differently; GPT-2 is float64 throughout.
+    rtol = 1e-7 if arch == "gpt2" else 1e-5
     for key, cpu in results["cpu"].items():
-        torch.testing.assert_close(results["cuda"][key], cpu, rtol=1e-7, atol=1e-10, msg=str(key))
+        torch.testing.assert_close(results["cuda"][key], cpu, rtol=rtol, atol=1e-10, msg=str(key))
