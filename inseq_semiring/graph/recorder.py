@@ -93,7 +93,10 @@ class _RecordingMode(TorchDispatchMode):
                     fix="run the model without caches (use_cache=False) or replace the in-place write by its "
                     "out-of-place form",
                 )
-            saved_leaves[pos] = self._snapshot_before_write(t)
+            old = self._snapshot_before_write(t)
+            for other, leaf in enumerate(leaves):  # the same tensor may be read by this very call (y.mul_(y))
+                if leaf is t:
+                    saved_leaves[other] = old
 
         out = func(*args, **kwargs)
         if self.rules.is_constant(func) or func in (aten.detach.default,):
