@@ -2,6 +2,10 @@
 
 Public API (imports no Inseq): :func:`semiring_backward`, :func:`run`, :data:`SEMIRINGS`, :func:`rule`,
 :class:`RuleSet`.
+
+Importing this package also registers the Inseq plugin methods (``semiring_maxpath``, ``semiring_entropy``,
+``semiring_flow``, ``semiring_gradient``): at once if Inseq is already imported, otherwise as soon as it is (see
+:mod:`inseq_semiring.integrations._autoload`); without Inseq installed nothing happens.
 """
 
 from .api import SemiringResult, run, semiring_backward
@@ -11,3 +15,14 @@ from .semirings import SEMIRINGS
 
 __all__ = ["semiring_backward", "run", "SemiringResult", "SEMIRINGS", "RULES", "RuleSet", "rule",
            "SemiringError", "InvalidInputError", "UnsupportedOpError", "UnsupportedModelError"]
+
+
+def _register_inseq_plugin() -> None:
+    try:
+        from .integrations._autoload import register_with_inseq
+    except Exception:  # pragma: no cover - never let the optional plugin break the core API
+        return
+    register_with_inseq()
+
+
+_register_inseq_plugin()
