@@ -6,6 +6,10 @@
     SmolLM2-135M-Instruct; otherwise any Hugging Face model name or folder, decoder-only or encoder-decoder) and
     prints one score per input token and generated token, the whole-graph path entropy and the top path value.
 
+``inseq-semiring paths [-m MODEL] [-i TEXT] [-t TARGET] [-k 3] [--sign abs] [--full] [--png FILE]``
+    Decodes the best gradient paths into the first target token, labelled by component (embedding, layer k
+    attention query/key/value/output, MLP, norm, LM head), prints them and optionally draws the top one.
+
 ``inseq-semiring inseq {attribute,attribute-dataset,attribute-context} ...`` (or directly
 ``inseq-semiring attribute-dataset ...`` / ``attribute-context ...``)
     Inseq's own commands, unchanged, with the plugin methods available (``-a semiring_maxpath``) and ``-m smollm2``
@@ -209,12 +213,35 @@ def _print_step_scores(ctx: AttributeContext) -> None:
 
 
 def _print_top_path(ctx: AttributeContext) -> None:
-    """Hook: print the decoded top path (the chain of operators / modules of the best path) for each generated token.
+    """Print the best gradient path (scalar granularity) into the first generated token, labelled by component."""
+    from .model_paths import find_top_paths
 
-    Placeholder until path decoding lands: ``ctx`` carries the Inseq model (``ctx.attribution_model.model`` is the HF
-    model), the texts, the attribution output and the method options.
-    """
-    print("top path: (path decoding not available)", file=ctx.stream)
+    am = ctx.attribution_model
+    target = ctx.generated_text if am.is_encoder_decoder else ctx.generated_text[len(ctx.input_text):]
+    sign = ctx.options.get("sign", "abs") if ctx.method == "semiring_maxpath" else "abs"
+    found = find_top_paths(am.model, am.tokenizer, ctx.input_text, target, k=1, sign=sign)
+    print(f"top path ({sign}) into log p(first generated token):", file=ctx.stream)
+    print(found.to_text(), file=ctx.stream)
+
+
+def _cmd_paths(args: argparse.Namespace) -> int:
+    """``paths``: the top-k gradient paths as text (``--full``: every operator) and, with ``--png``, a figure."""
+    from .model_paths import find_top_paths
+
+    _check_texts(None, args.input, args.target)
+    t0 = time.perf_counter()
+    _say(f"loading model {args.model} ...")
+    am = _load_attribution_model(args.model, "semiring_maxpath", {})
+    _check_texts(am, args.input, args.target)
+    _say(f"model ready ({time.perf_counter() - t0:.1f} s); decoding the top {args.k} path(s) ...")
+    found = find_top_paths(am.model, am.tokenizer, args.input, args.target, k=args.k, sign=args.sign)
+    print(found.to_text(full=args.full))
+    if args.png:
+        from .viz import save
+
+        save(found.figure(0), args.png)
+        _say(f"figure of path #1 saved to {args.png}")
+    return 0
 
 
 def _cmd_attribute(args: argparse.Namespace) -> int:
@@ -319,6 +346,16 @@ def build_parser() -> argparse.ArgumentParser:
     att.add_argument("--no-step-scores", action="store_true", help="skip the whole-graph entropy and top path")
     att.add_argument("--save", default=None, metavar="PATH", help="save the Inseq attribution output (JSON)")
     att.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    pth = sub.add_parser("paths", help="print (and plot) the top gradient paths into the first target token",
+                         description="Decode the best gradient paths (maxpath semiring, scalar granularity) from the "
+                                     "k strongest input elements to log p(first target token).")
+    pth.add_argument("-m", "--model", default=DEFAULT_MODEL, help="'smollm2' (default) or a HF model name/folder")
+    pth.add_argument("-i", "--input", default=DEFAULT_INPUT, help=f"input text (default: {DEFAULT_INPUT!r})")
+    pth.add_argument("-t", "--target", default=DEFAULT_TARGET, help=f"target text (default: {DEFAULT_TARGET!r})")
+    pth.add_argument("-k", type=int, default=3, help="number of paths (default 3)")
+    pth.add_argument("--sign", default="abs", choices=("abs", "positive", "negative"), help="maxpath sign")
+    pth.add_argument("--full", action="store_true", help="list every operator of each path")
+    pth.add_argument("--png", default=None, metavar="PATH", help="save a figure of the top path (layers x positions)")
     ins = sub.add_parser("inseq", help="run an Inseq command (attribute, attribute-dataset, attribute-context) with "
                                        "the plugin methods available", add_help=False)
     ins.add_argument("inseq_args", nargs=argparse.REMAINDER)
@@ -351,6 +388,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise CLIError(f"'inseq-semiring inseq' needs one of {', '.join(INSEQ_COMMANDS)}, e.g. "
                                "'inseq-semiring inseq attribute -m gpt2 -a semiring_maxpath -i \"Hello\"'")
             return run_inseq_cli(passthrough)
+        if args.command == "paths":
+            return _cmd_paths(args)
         return _cmd_attribute(args)
     except KeyboardInterrupt:
         print("inseq-semiring: interrupted", file=sys.stderr)
