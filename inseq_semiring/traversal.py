@@ -1,7 +1,7 @@
 """The reverse sweep: one pass over the tape, ignorant of semirings and of operators.
 
 For each record, last to first: take the values of its outputs (complete by now, since every consumer comes later
-in the tape), ask the rule table for its edges, pull each output's value through each edge with the semiring,
+in the tape; ``semiring.complete`` finishes them), ask the rule table for its edges, pull each output's value through each edge with the semiring,
 combine pulls into the same input tensor inside the operator (``plus_within``) and then across consumers (``plus``).
 A value crossing a dtype boundary (a cast, an autocast region) takes the input's dtype, as autograd's gradients do.
 An output's value is released once its producer has been processed (``on_complete`` sees it first).
@@ -27,7 +27,8 @@ def sweep(
     """Propagate ``seed`` (the root's value) to every node; return ``{input id: value}`` (absent: semiring zero)."""
     env: dict[int, Any] = {tape.root_id: seed}
     for rec in reversed(tape.records):
-        outs = {slot: env.pop(tid) for slot, tid in enumerate(rec.output_ids) if tid is not None and tid in env}
+        outs = {slot: semiring.complete(env.pop(tid))
+                for slot, tid in enumerate(rec.output_ids) if tid is not None and tid in env}
         if not outs:
             continue
         if on_complete is not None:
@@ -54,8 +55,8 @@ def sweep(
             )
         for tid, value in pulled.items():
             env[tid] = value if tid not in env else semiring.plus(env[tid], value)
+    done = {tid: semiring.complete(env[tid]) for tid in tape.input_ids if tid in env}
     if on_complete is not None:
-        for tid in tape.input_ids:
-            if tid in env:
-                on_complete(tid, env[tid])
-    return {tid: env[tid] for tid in tape.input_ids if tid in env}
+        for tid, value in done.items():
+            on_complete(tid, value)
+    return done

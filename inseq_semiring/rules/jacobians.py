@@ -63,7 +63,7 @@ class Reduction:
         if not self.keepdim:
             for d in self.dims:
                 a = a.unsqueeze(lead + d)
-        return a.expand(*a.shape[:lead], *self.in_shape)
+        return a.expand(tuple(a.shape[:lead]) + tuple(self.in_shape))
 
     def out_index(self) -> Tensor:
         """For every input element, the flat index of the output element it feeds."""

@@ -5,6 +5,7 @@ business). The traversal calls only::
 
     seed(root)                     the value of the root (the semiring's one)
     cast(value, dtype)             the value stored in another dtype (at precision boundaries)
+    complete(value)                a node's value once all its consumers are in (default: as it is)
     pull(kind, value, origin)      the value an input receives through one edge kind (inner (+) over outputs)
     plus_within(a, b)              combine two pulls into the same input tensor inside one operator
     plus(a, b)                     combine the values coming from different consumer operators
@@ -47,6 +48,10 @@ class Semiring:
 
     def plus_within(self, a, b):
         return self.plus(a, b)
+
+    def complete(self, value):
+        """A node's value once every consumer has contributed (e.g. the paper-mode maxpath sorts M+ and M-)."""
+        return value
 
     def cast(self, value, dtype: torch.dtype):
         """The same value in another floating dtype (used where the graph changes precision)."""

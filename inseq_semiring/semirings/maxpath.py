@@ -96,6 +96,9 @@ class MaxPath(Semiring):
         hi, hi_idx, lo, lo_idx = _signed_pull(kind, value.hi, value.lo)
         return self._make(hi, lo, value.log_scale, hi_idx, lo_idx, origin)
 
+    def complete(self, value: MaxValue) -> MaxValue:
+        return self._settle(value)
+
     def cast(self, value: MaxValue, dtype: torch.dtype) -> MaxValue:
         return replace(value, hi=value.hi.to(dtype), lo=None if value.lo is None else value.lo.to(dtype))
 
