@@ -171,3 +171,19 @@ def test_attribute_defaults_on_embedded_smollm2(capsys):
     assert rc == 0, err
     assert "'Ġare'" in out and "path entropy" in out and "top path value" in out
     assert "embedding -> " in out and "LM head" in out
+
+
+def test_attribute_dataset_with_a_plugin_method(tiny_gpt2_dir, tmp_path, capsys):
+    """`inseq-semiring attribute-dataset` (Inseq's command) over a local CSV file."""
+    pytest.importorskip("datasets")
+    data = tmp_path / "prompts.csv"
+    data.write_text("text\nThe keys to the cabinet\nThe author near the guards\n")
+    out_file = tmp_path / "dataset.json"
+    rc, _, err = _run(capsys, "attribute-dataset", "-m", tiny_gpt2_dir, "-a", "semiring_entropy", "--device", "cpu",
+                      "--dataset_name", "csv", "--dataset_files", str(data), "--input_text_field", "text",
+                      "--dataset_split", "train", "--generation_kwargs", '{"max_new_tokens": 2}', "--hide",
+                      "-o", str(out_file))
+    assert rc == 0, err
+    back = inseq.FeatureAttributionOutput.load(str(out_file))
+    assert back.info["attribution_method"] == "semiring_entropy"
+    assert len(back.sequence_attributions) == 2
