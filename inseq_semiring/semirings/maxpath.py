@@ -234,10 +234,16 @@ def _signed_matmul(kind: MatMul, hi: Tensor, lo: Tensor):
     hi_a = torch.where(mx[1][0] > mx[0][0], mx[1][1], mx[0][1])
     lo_v = torch.minimum(mn[0][0], mn[1][0])
     lo_a = torch.where(mn[1][0] < mn[0][0], mn[1][1], mn[0][1])
-    # slices (rows of a for left, columns for right) with absent entries: recompute exactly
+    # slices (rows of a for left, columns for right): all absent -> absent; partly absent -> recompute exactly
     full = r3.all(-1) if kind.left else r3.all(-2)  # [B, m] or [B, n]
-    if not bool(full.all()):
-        for b, s in (~full).nonzero().tolist():
+    none = ~(r3.any(-1) if kind.left else r3.any(-2))
+    if bool(none.any()):
+        gone = none.unsqueeze(-1) if kind.left else none.unsqueeze(-2)
+        hi_v = hi_v.masked_fill(gone, float("-inf"))
+        lo_v = lo_v.masked_fill(gone, float("inf"))
+    partial = ~full & ~none
+    if bool(partial.any()):
+        for b, s in partial.nonzero().tolist():
             if kind.left:
                 rh, rl, rr = hi.reshape(-1, m, n)[b, s], lo.reshape(-1, m, n)[b, s], r3[b, s]  # [n]
                 cand_h, cand_l = _candidates(rh[:, None].expand(-1, w3.shape[-1]),
