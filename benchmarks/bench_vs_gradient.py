@@ -3,7 +3,10 @@
 Model: a GPT-2-small-shaped random model (12 layers, hidden 768, 12 heads, vocab 50257), eager attention.
 Root: log-probability of one next token at the last position. Each timing includes the method's own forward pass;
 the baseline is ``torch.autograd.grad`` of the same root w.r.t. ``inputs_embeds`` (forward + backward).
-Memory: peak resident set size of a fresh subprocess doing one call, minus the same process's RSS just before it.
+Memory: in a fresh subprocess per method (model built first), the peak extra memory of one call: resident set size
+sampled every millisecond on CPU minus the RSS just before the call; ``torch.cuda.max_memory_allocated`` on CUDA.
+Measured twice: with the mapped-weight cache (``|W|``, ``-|W| log |W|``; filled by that first call and kept for later
+calls) and with it disabled (``INSEQ_SEMIRING_WEIGHT_CACHE_MB=0``). Timings use the default (cache on, warm).
 
     python benchmarks/bench_vs_gradient.py [--tokens 16 64 256] [--layers 12] [--repeats 3] [--threads 1]
 """
@@ -12,9 +15,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
+import threading
 import time
 
 import torch
@@ -70,17 +75,43 @@ def timed(fn, device: str, repeats: int) -> float:
     return statistics.median(times)
 
 
-def peak_memory(name: str, tokens: int, layers: int, device: str, threads: int) -> float:
-    """Peak extra memory (MiB) of one call, in a fresh subprocess."""
+def peak_memory(name: str, tokens: int, layers: int, device: str, threads: int, cache: bool) -> dict:
+    """Peak extra memory (MiB) of a first call and the mapped-weight cache size, in a fresh subprocess."""
+    env = {**os.environ, "INSEQ_SEMIRING_WEIGHT_CACHE_MB": os.environ.get("INSEQ_SEMIRING_WEIGHT_CACHE_MB", "3072")
+           if cache else "0"}
     out = subprocess.run([sys.executable, __file__, "--child", name, "--tokens", str(tokens), "--layers",
                           str(layers), "--device", device, "--threads", str(threads)],
-                         capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])["peak_mib"]
+                         capture_output=True, text=True, check=True, env=env)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class _PeakRSS:
+    """Peak resident set size while the block runs, sampled every millisecond by a thread (CPU)."""
+
+    def __enter__(self):
+        self.before = self.peak = _rss_bytes()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+        return self
+
+    def _watch(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, _rss_bytes())
+            time.sleep(0.001)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss_bytes())
 
 
 def child(args) -> None:
-    import resource
-
     torch.set_num_threads(args.threads)
     model = build(args.layers, args.device)
     root, emb = make_call(model, args.tokens[0], args.device)
@@ -90,12 +121,15 @@ def child(args) -> None:
         one_call(args.child, model, root, emb)
         peak = (torch.cuda.max_memory_allocated() - before) / 2**20
     else:
-        import psutil  # noqa: F401  (optional) -- fall back below
+        import gc
 
-        before = psutil.Process().memory_info().rss
-        one_call(args.child, model, root, emb)
-        peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before) / 2**20
-    print(json.dumps({"peak_mib": peak}))
+        from inseq_semiring.rules.weight_cache import cache_bytes
+
+        gc.collect()
+        with _PeakRSS() as watch:
+            one_call(args.child, model, root, emb)
+        peak = (watch.peak - watch.before) / 2**20
+    print(json.dumps({"peak_mib": peak, "cache_mib": cache_bytes() / 2**20}))
 
 
 def main() -> None:
@@ -116,24 +150,33 @@ def main() -> None:
 
     print(f"# GPT-2-small-shaped random model, {args.layers} layers, device={args.device}, threads={args.threads}, "
           f"max-times backend={active_backend(args.device)}")
-    print("| tokens | method | seconds | × gradient | target | peak MiB | × gradient mem |")
-    print("|---:|---|---:|---:|---:|---:|---:|")
+    print("| tokens | method | seconds | × gradient | target | peak MiB | × gradient | peak MiB, no weight cache "
+          "| × gradient | mapped-weight cache MiB |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for tokens in args.tokens:
         root, emb = make_call(model, tokens, args.device)
         for name in ["autograd"] + [m for m, _ in METHODS]:
-            one_call(name, model, root, emb)  # warm-up (kernel build, allocator)
+            one_call(name, model, root, emb)  # warm-up (kernel build, allocator, mapped-weight cache)
         base = timed(lambda: one_call("autograd", model, root, emb), args.device, args.repeats)
-        base_mem = None if args.no_memory else peak_memory("autograd", tokens, args.layers, args.device, args.threads)
-        rows = [("autograd.grad", base, None, base_mem)]
-        for name, _ in METHODS:
-            t = timed(lambda n=name: one_call(n, model, root, emb), args.device, args.repeats)
-            mem = None if args.no_memory else peak_memory(name, tokens, args.layers, args.device, args.threads)
-            rows.append((name, t, TARGETS[name], mem))
-        for name, t, target, mem in rows:
-            mem_s = "-" if mem is None else f"{mem:.0f}"
-            ratio_mem = "-" if mem is None or base_mem is None else f"{mem / max(base_mem, 1e-9):.2f}"
-            print(f"| {tokens} | {name} | {t:.3f} | {t / base:.2f} | {'≤ %.1f' % target if target else '-'} "
-                  f"| {mem_s} | {ratio_mem} |", flush=True)
+        mem = {}
+        if not args.no_memory:
+            for name in ["autograd"] + [m for m, _ in METHODS]:
+                mem[name] = (peak_memory(name, tokens, args.layers, args.device, args.threads, True),
+                             peak_memory(name, tokens, args.layers, args.device, args.threads, False))
+        for name in ["autograd"] + [m for m, _ in METHODS]:
+            t = base if name == "autograd" else timed(lambda n=name: one_call(n, model, root, emb), args.device,
+                                                       args.repeats)
+            target = TARGETS.get(name)
+            cells = ["-"] * 5
+            if mem:
+                cached, uncached = mem[name]
+                base_mem = mem["autograd"][0]["peak_mib"]
+                cells = [f"{cached['peak_mib']:.0f}", f"{cached['peak_mib'] / max(base_mem, 1):.2f}",
+                         f"{uncached['peak_mib']:.0f}", f"{uncached['peak_mib'] / max(base_mem, 1):.2f}",
+                         f"{cached['cache_mib']:.0f}"]
+            label = "autograd.grad" if name == "autograd" else name
+            print(f"| {tokens} | {label} | {t:.3f} | {t / base:.2f} | {'≤ %.1f' % target if target else '-'} | "
+                  + " | ".join(cells) + " |", flush=True)
 
 
 if __name__ == "__main__":

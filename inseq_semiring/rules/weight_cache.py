@@ -44,3 +44,8 @@ def cached_map(w: torch.Tensor, f: Callable[[torch.Tensor], torch.Tensor]) -> to
 def clear() -> None:
     _CACHE.clear()
     _BYTES[0] = 0
+
+
+def cache_bytes() -> int:
+    """Bytes held by the cached mapped weights."""
+    return _BYTES[0]
