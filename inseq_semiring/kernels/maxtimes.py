@@ -2,7 +2,7 @@
 
     C[..., i, j] = max_k a[..., i, k] * b[..., k, j]
 
-Two backends compute the same thing:
+Three backends compute the same thing:
 
 * ``"cpp"`` -- a cache-blocked, register-tiled C++ kernel (float32 / float64, CPU tensors),
   compiled on first use with :func:`torch.utils.cpp_extension.load_inline` and cached under
@@ -11,20 +11,29 @@ Two backends compute the same thing:
   assume away NaN/inf and rewrite the strict compare behind the tie rule). Inputs are made
   contiguous; the batch is flattened and split, with row and column chunks, over torch's
   intra-op threads (``torch.set_num_threads``).
+* ``"triton"`` -- a Triton kernel for CUDA tensors (float32 / float64, and float16 / bfloat16
+  accumulated in float32), in :mod:`inseq_semiring.kernels.maxtimes_triton`; that module (and
+  ``triton``) is imported on the first CUDA call only. Output tiles x batch x (when the tiles
+  alone cannot fill the GPU) slices of ``k`` merged by a second small kernel.
 * ``"torch"`` -- a pure-PyTorch fallback, device-agnostic (CPU, CUDA, ...), any dtype torch can
   multiply and compare. It never materialises the full ``[*batch, m, k, n]`` product: it walks
-  blocks of the batch, ``m``, ``n`` and ``k`` sized so that the temporaries stay under
-  ``_TORCH_TARGET_BYTES`` (never more than ``_TORCH_CHUNK_BYTES``) and keeps a running max (and
-  argmax) across the ``k`` blocks.
+  blocks of the batch, ``m``, ``n`` and ``k`` sized so that the temporaries stay under a
+  device-dependent budget (CPU: ``_TORCH_TARGET_BYTES``, never more than ``_TORCH_CHUNK_BYTES``,
+  to stay in cache; other devices: ``_TORCH_DEVICE_TARGET_BYTES``, large blocks to cut kernel
+  launches) and keeps a running max (and argmax) across the ``k`` blocks.
 
-The C++ backend is used for CPU float32/float64 inputs unless the environment variable
-``INSEQ_SEMIRING_NO_EXT=1`` is set or the build failed (then a single warning is issued and the
-torch backend is used from then on). :func:`active_backend` says which backend CPU inputs get.
+The C++ backend is used for CPU float32/float64 inputs and the Triton backend for CUDA
+float32/float64/float16/bfloat16 inputs, unless the environment variable
+``INSEQ_SEMIRING_NO_EXT=1`` is set, or the build / the import of ``triton`` / the Triton kernel
+compilation failed (then a single warning is issued and the torch backend is used from then on).
+:func:`active_backend` says which backend a device's inputs get.
 
-Semantics shared by both backends (and checked by ``tests/test_maxtimes.py``):
+Semantics shared by all backends (and checked by ``tests/test_maxtimes.py``):
 
 * Values are a plain max of ordinary float products (any sign; not a max of absolute values).
-  ``inf * 0`` is NaN as usual.
+  ``inf * 0`` is NaN as usual. (Triton, float16/bfloat16 inputs: products are formed exactly in
+  float32 and the max is rounded once; the value equals the max of the rounded products, but at
+  products that only tie after rounding the index is that of the larger exact product.)
 * NaN propagates: if any product in the reduction over ``k`` is NaN (a NaN input, or an
   ``inf * 0`` product), the output is NaN. The argmax index at such an output is unspecified
   (some valid index in ``[0, k)``; the torch backend gives the first NaN product's).
@@ -61,8 +70,14 @@ _TORCH_CHUNK_BYTES = 64 << 20
 _TORCH_TARGET_BYTES = 4 << 20
 #: Preferred number of k rows per block of the torch backend.
 _TORCH_KC = 32
+#: Size of the temporaries of the torch backend on non-CPU devices (bytes): GPU memory is
+#: plentiful and every block costs several kernel launches (and a host sync with ``argmax``).
+_TORCH_DEVICE_TARGET_BYTES = 256 << 20
+#: Preferred number of k rows per block of the torch backend on non-CPU devices.
+_TORCH_DEVICE_KC = 255
 
 _EXT_DTYPES = (torch.float32, torch.float64)
+_TRITON_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 _CPP_SOURCE = r"""
 #include <torch/extension.h>
@@ -396,6 +411,8 @@ _ext_lock = threading.Lock()
 _ext_module = None  # the compiled module once built
 _ext_failed = False  # the build was tried and failed (warned once)
 _ext_build_seconds: float | None = None
+_triton_module = None  # inseq_semiring.kernels.maxtimes_triton once imported
+_triton_failed = False  # its import or a kernel compilation failed (warned once)
 
 
 def _env_no_ext() -> bool:
@@ -482,15 +499,65 @@ def _load_ext(stacklevel: int = 2):
         return _ext_module
 
 
+def _load_triton(stacklevel: int = 2):
+    """Import (first call) the Triton kernel module; None if unavailable (warned once)."""
+    global _triton_module, _triton_failed
+    if _triton_module is not None or _triton_failed:
+        return _triton_module
+    with _ext_lock:
+        if _triton_module is not None or _triton_failed:
+            return _triton_module
+        try:
+            from . import maxtimes_triton
+        except Exception as exc:  # triton not installed, incompatible version, ...
+            _triton_failed = True
+            warnings.warn(
+                "inseq_semiring: could not import the Triton max-times kernel "
+                f"({_short_reason(exc)}); max_times/min_times on CUDA fall back to the slower "
+                f"pure-PyTorch implementation for the rest of this process. Set {NO_EXT_ENV}=1 "
+                "to skip the attempt.",
+                RuntimeWarning,
+                stacklevel=stacklevel,
+            )
+            return None
+        _triton_module = maxtimes_triton
+        return _triton_module
+
+
+def _triton_broke(exc: BaseException, stacklevel: int) -> None:
+    """The Triton kernel failed to compile or launch: warn once, use the torch backend from now on."""
+    global _triton_failed
+    with _ext_lock:
+        if _triton_failed:
+            return
+        _triton_failed = True
+    warnings.warn(
+        f"inseq_semiring: the Triton max-times kernel failed ({_short_reason(exc)}); "
+        "max_times/min_times on CUDA fall back to the slower pure-PyTorch implementation for the "
+        f"rest of this process. Set {NO_EXT_ENV}=1 to skip the attempt.",
+        RuntimeWarning,
+        stacklevel=stacklevel + 1,
+    )
+
+
 def active_backend(device: str | torch.device = "cpu", *, build: bool = True) -> str:
     """Which backend :func:`max_times` uses for float32/float64 tensors on ``device``.
 
-    Returns ``"cpp"`` (compiled kernel) or ``"torch"`` (pure-PyTorch fallback). For CPU, with
-    ``build=True`` (default) this builds/loads the extension if that has not happened yet, so the
-    answer is definitive; with ``build=False`` it reports ``"cpp"`` only if already loaded.
-    Other dtypes (float16, bfloat16, integers) always use the torch backend.
+    Returns ``"cpp"`` (compiled kernel, CPU), ``"triton"`` (Triton kernel, CUDA) or ``"torch"``
+    (pure-PyTorch fallback). With ``build=True`` (default) this builds/loads the C++ extension
+    (CPU) or imports the Triton module (CUDA) if that has not happened yet, so the answer is
+    definitive unless the Triton kernel later fails to compile; with ``build=False`` it reports
+    ``"cpp"``/``"triton"`` only if already loaded. Other dtypes: integers always use the torch
+    backend, float16/bfloat16 the Triton backend on CUDA and the torch backend on CPU.
     """
-    if torch.device(device).type != "cpu" or _env_no_ext():
+    dev = torch.device(device)
+    if _env_no_ext():
+        return "torch"
+    if dev.type == "cuda":
+        if _triton_module is None and build:
+            _load_triton(stacklevel=3)
+        return "triton" if _triton_module is not None and not _triton_failed else "torch"
+    if dev.type != "cpu":
         return "torch"
     if _ext_module is None and build:
         _load_ext(stacklevel=3)
@@ -551,11 +618,12 @@ def _torch_backend(a: Tensor, b: Tensor, argmax: bool) -> tuple[Tensor, Tensor |
     n = b.shape[-1]
     esize = torch.empty((), dtype=a.dtype).element_size()
     per_elem = esize + (2 if argmax else 0)  # product (+ bool hit mask and uint8 weights)
-    target = max(1, min(_TORCH_TARGET_BYTES, _TORCH_CHUNK_BYTES) // per_elem)  # elements/block
-    # widest blocks along n (contiguous) first, then up to _TORCH_KC rows of k (enough to
+    budget, kc_pref = _torch_block_budget(a.device)
+    target = max(1, budget // per_elem)  # elements/block
+    # widest blocks along n (contiguous) first, then up to kc_pref rows of k (enough to
     # amortise the per-block [mc, nc] bookkeeping), then m and batch, then the rest of k
     nc = min(n, target)
-    kc = max(1, min(k, _TORCH_KC, target // nc))
+    kc = max(1, min(k, kc_pref, target // nc))
     mc = max(1, min(m, target // (nc * kc)))
     bc = max(1, min(nb, target // (nc * kc * mc)))
     kc = max(1, min(k, target // (nc * mc * bc), 255 if argmax else k))
@@ -624,6 +692,13 @@ def _torch_backend(a: Tensor, b: Tensor, argmax: bool) -> tuple[Tensor, Tensor |
     return out, idx
 
 
+def _torch_block_budget(device: torch.device) -> tuple[int, int]:
+    """(bytes of temporaries, preferred k rows) per block of the torch backend on ``device``."""
+    if torch.device(device).type == "cpu":
+        return min(_TORCH_TARGET_BYTES, _TORCH_CHUNK_BYTES), _TORCH_KC
+    return _TORCH_DEVICE_TARGET_BYTES, _TORCH_DEVICE_KC
+
+
 def _flushes_denormals(dtype: torch.dtype) -> bool:
     """Whether CPU arithmetic currently flushes subnormal results to zero (set_flush_denormal)."""
     smallest_normal = torch.finfo(dtype).tiny
@@ -655,6 +730,14 @@ def _cpp_backend(ext, a: Tensor, b: Tensor, argmax: bool) -> tuple[Tensor, Tenso
     return out, (idx if argmax else None)
 
 
+def _use_triton(a: Tensor) -> object | None:
+    if a.device.type != "cuda" or a.dtype not in _TRITON_DTYPES or _env_no_ext() or _triton_failed:
+        return None
+    if a.shape[-1] >= 2**31:
+        return None
+    return _load_triton(stacklevel=5)  # user -> max_times -> _max_times_impl -> _use_triton
+
+
 def _use_cpp(a: Tensor) -> object | None:
     if a.device.type != "cpu" or a.dtype not in _EXT_DTYPES or _env_no_ext():
         return None
@@ -682,6 +765,38 @@ def _max_times_impl(a: Tensor, b: Tensor, argmax: bool, fname: str, backend: str
             out = torch.empty((*batch, m, n), dtype=a.dtype, device=a.device)
             idx = torch.empty((*batch, m, n), dtype=torch.int64, device=a.device)
             return (out, idx) if argmax else out
+        if backend not in (None, "cpp", "triton", "torch"):
+            raise ValueError(f"{fname}: backend must be None, 'cpp', 'triton' or 'torch', got {backend!r}")
+        if backend == "triton":
+            tri = _load_triton(4) if a.device.type == "cuda" and a.dtype in _TRITON_DTYPES else None
+            if tri is None:
+                raise RuntimeError(f"{fname}: the Triton backend is not available for {a.device}/{a.dtype}")
+        else:
+            tri = _use_triton(a) if backend is None else None
+        if tri is not None:
+            # strided 3-D views where possible: the kernel takes strides (and negates a itself)
+            out, idx = None, None
+            nd = a.dim()
+            if nd == 3:
+                a3, b3 = a, b
+            elif nd == 2:
+                a3, b3 = a.unsqueeze(0), b.unsqueeze(0)
+            else:
+                a3, b3 = a.reshape(-1, m, k), b.reshape(-1, k, n)
+            try:
+                out, idx = tri.max_times_triton(a3, b3, argmax, negate)
+            except torch.cuda.OutOfMemoryError:  # not a kernel problem
+                raise
+            except Exception as exc:  # compilation (or launch) failure
+                if backend == "triton":
+                    raise
+                _triton_broke(exc, stacklevel=3)  # user -> max_times -> _max_times_impl
+            if out is not None:
+                if nd == 2:
+                    out, idx = out[0], (idx[0] if argmax else None)
+                elif nd > 3:
+                    out, idx = out.view(*batch, m, n), (idx.view(*batch, m, n) if argmax else None)
+                return (out, idx) if argmax else out
         if negate:  # min_k a*b == -max_k (-a)*b, exactly (negation is exact)
             a = -a
         a3 = a.reshape(-1, m, k).contiguous()
@@ -692,10 +807,8 @@ def _max_times_impl(a: Tensor, b: Tensor, argmax: bool, fname: str, backend: str
             ext = _load_ext(4) if a3.device.type == "cpu" and a3.dtype in _EXT_DTYPES else None
             if ext is None:
                 raise RuntimeError(f"{fname}: the C++ backend is not available for {a3.device}/{a3.dtype}")
-        elif backend == "torch":
-            ext = None
         else:
-            raise ValueError(f"{fname}: backend must be None, 'cpp' or 'torch', got {backend!r}")
+            ext = None
         if ext is not None:
             out, idx = _cpp_backend(ext, a3, b3, argmax)
         else:
@@ -727,8 +840,8 @@ def max_times(a: Tensor, b: Tensor, *, argmax: bool = False, _backend: str | Non
     Never builds the ``[*batch, m, k, n]`` temporary. Not differentiable (runs under no_grad).
     Raises ValueError naming both shapes if they do not fit together.
 
-    ``_backend`` (``None``/``"cpp"``/``"torch"``) overrides the automatic backend choice; it is
-    for tests and benchmarks.
+    ``_backend`` (``None``/``"cpp"``/``"triton"``/``"torch"``) overrides the automatic backend
+    choice; it is for tests and benchmarks.
     """
     return _max_times_impl(a, b, argmax, "max_times", _backend, negate=False)
 
