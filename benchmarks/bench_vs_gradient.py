@@ -112,6 +112,8 @@ class _PeakRSS:
 
 
 def child(args) -> None:
+    from inseq_semiring.rules.weight_cache import cache_bytes
+
     torch.set_num_threads(args.threads)
     model = build(args.layers, args.device)
     root, emb = make_call(model, args.tokens[0], args.device)
@@ -122,8 +124,6 @@ def child(args) -> None:
         peak = (torch.cuda.max_memory_allocated() - before) / 2**20
     else:
         import gc
-
-        from inseq_semiring.rules.weight_cache import cache_bytes
 
         gc.collect()
         with _PeakRSS() as watch:

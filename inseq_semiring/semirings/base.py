@@ -165,12 +165,36 @@ def scaled_pulls(kind, z: Tensor, u: Tensor | None, only=None) -> tuple[Tensor, 
         return _rank1_scaled(kind, z, u, only)
     if isinstance(kind, LayerNormRow) and kind.entry_map is None:
         return _layernorm_scaled(kind, z, u, only)
+    if isinstance(kind, MatMul) and u is not None and only is None:
+        return _matmul_scaled(kind, z, u)
     if only is not None:
         return linear_pull(kind.map_weights(only), z), None
     k_abs = kind.map_weights(abs_weight)
     z2 = linear_pull(k_abs, z)
     u2 = None if u is None else linear_pull(k_abs, u) + linear_pull(kind.map_weights(neg_w_log_w), z)
     return z2, u2
+
+
+def _matmul_scaled(kind: MatMul, z: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
+    """``[z; u] |W|`` as one product (twice the rows, one pass over ``|W|``), plus ``z (-|W| log|W|)``."""
+    k_abs, k_nlogn = kind.map_weights(abs_weight), kind.map_weights(neg_w_log_w)
+    if kind.left and kind.weight.dim() == 2 and kind.mat_shapes is None:
+        n = z.shape[-1]
+        zf, uf = z.reshape(-1, n), u.reshape(-1, n)
+        rows = (zf != 0).any(-1) | (uf != 0).any(-1)
+        n_active = int(rows.sum())
+        out_z = z.new_zeros(zf.shape[0], k_abs.weight.shape[-1])
+        out_u = torch.zeros_like(out_z)
+        if n_active:
+            sel = slice(None) if n_active == zf.shape[0] else rows
+            za, ua = zf[sel], uf[sel]
+            both = torch.cat([za, ua]) @ k_abs.weight
+            out_z[sel] = both[:za.shape[0]]
+            out_u[sel] = both[za.shape[0]:] + za @ k_nlogn.weight
+        shape = kind.in_shape
+        return out_z.reshape(shape), out_u.reshape(shape)
+    z2 = linear_pull(k_abs, z)
+    return z2, linear_pull(k_abs, u) + linear_pull(k_nlogn, z)
 
 
 def _rank1_scaled(kind: RowDense, z, u, only):
