@@ -6,7 +6,8 @@ the baseline is ``torch.autograd.grad`` of the same root w.r.t. ``inputs_embeds`
 Memory: in a fresh subprocess per method (model built first), the peak extra memory of one call: resident set size
 sampled every millisecond on CPU minus the RSS just before the call; ``torch.cuda.max_memory_allocated`` on CUDA.
 Measured twice: with the mapped-weight cache (``|W|``, ``-|W| log |W|``; filled by that first call and kept for later
-calls) and with it disabled (``INSEQ_SEMIRING_WEIGHT_CACHE_MB=0``). Timings use the default (cache on, warm).
+calls) and with it disabled (``INSEQ_SEMIRING_WEIGHT_CACHE_MB=0``); and the whole process's peak (model weights
+included, cache on). Timings use the default (cache on, warm).
 
     python benchmarks/bench_vs_gradient.py [--tokens 16 64 256] [--layers 12] [--repeats 3] [--threads 1]
 """
@@ -122,6 +123,7 @@ def child(args) -> None:
         before = torch.cuda.memory_allocated()
         one_call(args.child, model, root, emb)
         peak = (torch.cuda.max_memory_allocated() - before) / 2**20
+        total = torch.cuda.max_memory_allocated() / 2**20
     else:
         import gc
 
@@ -129,7 +131,8 @@ def child(args) -> None:
         with _PeakRSS() as watch:
             one_call(args.child, model, root, emb)
         peak = (watch.peak - watch.before) / 2**20
-    print(json.dumps({"peak_mib": peak, "cache_mib": cache_bytes() / 2**20}))
+        total = watch.peak / 2**20
+    print(json.dumps({"peak_mib": peak, "cache_mib": cache_bytes() / 2**20, "total_mib": total}))
 
 
 def main() -> None:
@@ -150,9 +153,9 @@ def main() -> None:
 
     print(f"# GPT-2-small-shaped random model, {args.layers} layers, device={args.device}, threads={args.threads}, "
           f"max-times backend={active_backend(args.device)}")
-    print("| tokens | method | seconds | × gradient | target | peak MiB | × gradient | peak MiB, no weight cache "
-          "| × gradient | mapped-weight cache MiB |")
-    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| tokens | method | seconds | × gradient | target | extra peak MiB | × gradient | extra peak MiB, no weight "
+          "cache | × gradient | mapped-weight cache MiB | process peak MiB (model included) | × gradient |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for tokens in args.tokens:
         root, emb = make_call(model, tokens, args.device)
         for name in ["autograd"] + [m for m, _ in METHODS]:
@@ -167,13 +170,14 @@ def main() -> None:
             t = base if name == "autograd" else timed(lambda n=name: one_call(n, model, root, emb), args.device,
                                                        args.repeats)
             target = TARGETS.get(name)
-            cells = ["-"] * 5
+            cells = ["-"] * 7
             if mem:
                 cached, uncached = mem[name]
                 base_mem = mem["autograd"][0]["peak_mib"]
                 cells = [f"{cached['peak_mib']:.0f}", f"{cached['peak_mib'] / max(base_mem, 1):.2f}",
                          f"{uncached['peak_mib']:.0f}", f"{uncached['peak_mib'] / max(base_mem, 1):.2f}",
-                         f"{cached['cache_mib']:.0f}"]
+                         f"{cached['cache_mib']:.0f}", f"{cached['total_mib']:.0f}",
+                         f"{cached['total_mib'] / max(mem['autograd'][0]['total_mib'], 1):.2f}"]
             label = "autograd.grad" if name == "autograd" else name
             print(f"| {tokens} | {label} | {t:.3f} | {t / base:.2f} | {'≤ %.1f' % target if target else '-'} | "
                   + " | ".join(cells) + " |", flush=True)
