@@ -41,6 +41,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ._common import output_dir, torch_threads, with_overrides
 from .. import viz
 from ..api import run as semiring_run
 from ..semirings.scaled import entropy_of, pooled_entropy
@@ -111,15 +112,10 @@ def run_one(width: int, seed: int, cfg: FFOOMConfig) -> dict:
 
 
 def run(config: FFOOMConfig | None = None, **overrides) -> dict:
-    cfg = config or FFOOMConfig()
-    for k, v in overrides.items():
-        setattr(cfg, k, v)
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    prev_threads = torch.get_num_threads()
-    torch.set_num_threads(cfg.threads)
+    cfg = with_overrides(config or FFOOMConfig(), overrides)
+    out = output_dir(cfg.out)
     t_start = time.perf_counter()
-    try:
+    with torch_threads(cfg.threads):
         runs = [run_one(w, s, cfg) for w in cfg.widths for s in cfg.seeds]
         table = {}
         for w in cfg.widths:
@@ -151,8 +147,6 @@ def run(config: FFOOMConfig | None = None, **overrides) -> dict:
         summary["timing_s"] = round(time.perf_counter() - t_start, 2)
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         return summary
-    finally:
-        torch.set_num_threads(prev_threads)
 
 
 def _line_fit(xs, ys) -> dict:

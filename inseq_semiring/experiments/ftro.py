@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from ._common import output_dir, torch_threads, with_overrides
 from .. import viz
 from ..api import run as semiring_run
 from ..components import BERT_SPLIT, component_readout
@@ -181,15 +182,10 @@ def _table(summary: dict, paper: dict | None = None, components=COMPONENTS) -> s
 
 def run(config: FTROConfig | None = None, **overrides) -> dict:
     """Train, analyse, write ``summary.json`` and plots to ``config.out``; return the summary."""
-    cfg = config or FTROConfig()
-    for k, v in overrides.items():
-        setattr(cfg, k, v)
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    prev_threads = torch.get_num_threads()
-    torch.set_num_threads(cfg.threads)
+    cfg = with_overrides(config or FTROConfig(), overrides)
+    out = output_dir(cfg.out)
     t_start = time.perf_counter()
-    try:
+    with torch_threads(cfg.threads):
         data = first_token_repeated_once(cfg.n_examples, cfg.vocab_size, cfg.seq_len, seed=cfg.data_seed)
         model = tiny_bert(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_layers=cfg.num_layers,
                           num_heads=cfg.num_heads, intermediate_size=cfg.intermediate_size,
@@ -238,8 +234,6 @@ def run(config: FTROConfig | None = None, **overrides) -> dict:
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         torch.save(model.state_dict(), out / "model.pt")
         return summary
-    finally:
-        torch.set_num_threads(prev_threads)
 
 
 def _plots(summary: dict, out: Path) -> list[str]:

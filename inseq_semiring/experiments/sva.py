@@ -53,6 +53,7 @@ from typing import Any, Sequence
 
 import torch
 
+from ._common import output_dir, torch_threads, with_overrides
 from .. import viz
 
 CONDITIONS = ("simple", "pp", "rc")
@@ -450,15 +451,10 @@ def _log(cfg: SVAConfig, msg: str) -> None:
 def run(config: SVAConfig | None = None, **overrides) -> dict:
     """Generate the items, score all of them, analyse ``n_analysis``; write ``summary.json``, ``items.json`` and
     PNGs to ``config.out``; return the summary."""
-    cfg = config or SVAConfig()
-    for k, v in overrides.items():
-        setattr(cfg, k, v)
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    prev_threads = torch.get_num_threads()
-    torch.set_num_threads(cfg.threads)
+    cfg = with_overrides(config or SVAConfig(), overrides)
+    out = output_dir(cfg.out)
     t_start = time.perf_counter()
-    try:
+    with torch_threads(cfg.threads):
         if cfg.model is not None:
             model, tokenizer = cfg.model
         else:
@@ -548,8 +544,6 @@ def run(config: SVAConfig | None = None, **overrides) -> dict:
                                                     "analysed": records}))
         (out / "summary.json").write_text(json.dumps(summary, indent=1))
         return summary
-    finally:
-        torch.set_num_threads(prev_threads)
 
 
 def tables(summary: dict) -> dict:

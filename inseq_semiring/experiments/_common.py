@@ -1,0 +1,31 @@
+"""What every experiment's ``run(config, **overrides)`` does first: apply overrides, make the output folder, and
+run with a given number of torch threads (restored afterwards, also on error)."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+
+def with_overrides(cfg, overrides: dict):
+    for key, value in overrides.items():
+        setattr(cfg, key, value)
+    return cfg
+
+
+def output_dir(path) -> Path:
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+@contextmanager
+def torch_threads(n: int):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
