@@ -244,53 +244,31 @@ def _gradient_per_element(result, i, opts):
     return result.values[i].abs()  # Captum's Saliency convention (abs=True)
 
 
+#: method name -> (class name, docstring, class attributes): the whole difference between the four methods.
+METHOD_TABLE = {
+    "semiring_maxpath": ("SemiringMaxpathAttribution",
+                         "Best-path value per token (max over the hidden dimension; ``sign=\"negative\"``: min).",
+                         dict(semiring="maxpath", allowed_options={"sign": SIGNS, "granularity": GRANULARITIES},
+                              per_token=staticmethod(_maxpath_per_token))),
+    "semiring_entropy": ("SemiringEntropyAttribution",
+                         "Entropy of the path distribution per token (Z and U pooled over the hidden dimension).",
+                         dict(semiring="entropy", per_token=staticmethod(_entropy_per_token))),
+    "semiring_flow": ("SemiringFlowAttribution",
+                      "Total absolute gradient flow per token (sum over the hidden dimension).",
+                      dict(semiring="flow", per_token=staticmethod(_flow_per_token))),
+    "semiring_gradient": ("SemiringGradientAttribution",
+                          "``|gradient|`` per hidden dimension via the gradient semiring: a drop-in for Inseq's "
+                          "``saliency``.",
+                          dict(semiring="gradient", granular=True, per_token=staticmethod(_gradient_per_element))),
+}
+
+
 def _define_method(name: str) -> type:
     """One concrete method class. Classes are defined on demand by :func:`register`, because defining a subclass
     *is* registering it with Inseq (its registry lists every subclass by ``method_name``)."""
-    if name == "semiring_maxpath":
-
-        class SemiringMaxpathAttribution(SemiringAttributionRegistry):
-            """Best-path value per token (max over the hidden dimension; ``sign="negative"``: min)."""
-
-            method_name = "semiring_maxpath"
-            semiring = "maxpath"
-            allowed_options = {"sign": SIGNS, "granularity": GRANULARITIES}
-            per_token = staticmethod(_maxpath_per_token)
-
-        cls = SemiringMaxpathAttribution
-    elif name == "semiring_entropy":
-
-        class SemiringEntropyAttribution(SemiringAttributionRegistry):
-            """Entropy of the path distribution per token (Z and U pooled over the hidden dimension)."""
-
-            method_name = "semiring_entropy"
-            semiring = "entropy"
-            per_token = staticmethod(_entropy_per_token)
-
-        cls = SemiringEntropyAttribution
-    elif name == "semiring_flow":
-
-        class SemiringFlowAttribution(SemiringAttributionRegistry):
-            """Total absolute gradient flow per token (sum over the hidden dimension)."""
-
-            method_name = "semiring_flow"
-            semiring = "flow"
-            per_token = staticmethod(_flow_per_token)
-
-        cls = SemiringFlowAttribution
-    elif name == "semiring_gradient":
-
-        class SemiringGradientAttribution(SemiringAttributionRegistry):
-            """``|gradient|`` per hidden dimension via the gradient semiring: a drop-in for Inseq's ``saliency``."""
-
-            method_name = "semiring_gradient"
-            semiring = "gradient"
-            granular = True
-            per_token = staticmethod(_gradient_per_element)
-
-        cls = SemiringGradientAttribution
-    else:  # pragma: no cover
-        raise KeyError(name)
+    class_name, doc, attrs = METHOD_TABLE[name]
+    cls = type(class_name, (SemiringAttributionRegistry,),
+               {"__doc__": doc, "__module__": __name__, "method_name": name, **attrs})
     cls.__qualname__ = cls.__name__
     setattr(cls, _MARK, True)
     return cls
