@@ -86,17 +86,23 @@ def _check(vocab_size: int, seq_len: int, min_len: int = 2) -> None:
         raise ValueError(f"seq_len must be >= {min_len}, got {seq_len}")
 
 
-# -- generators ------------------------------------------------------------------------------------------------
-
-def first_token_repeated_once(n: int = 10_000, vocab_size: int = 20, seq_len: int = 10,
-                              seed: int = 0) -> SyntheticDataset:
-    """y=1 iff x[0] recurs; pos: one copy at a uniform i in 1..L-1, rest ~ V-{x[0]}; neg: x[1:] ~ V-{x[0]}."""
+def _first_token_start(n: int, vocab_size: int, seq_len: int, seed: int):
+    """Shared start of the FirstToken* tasks: rng, balanced labels, the first tokens and X with column 0 set."""
     _check(vocab_size, seq_len)
     rng = np.random.default_rng(seed)
     y = _labels(n)
     first = rng.integers(1, vocab_size, size=n)
     X = np.empty((n, seq_len), dtype=np.int64)
     X[:, 0] = first
+    return rng, y, first, X
+
+
+# -- generators ------------------------------------------------------------------------------------------------
+
+def first_token_repeated_once(n: int = 10_000, vocab_size: int = 20, seq_len: int = 10,
+                              seed: int = 0) -> SyntheticDataset:
+    """y=1 iff x[0] recurs; pos: one copy at a uniform i in 1..L-1, rest ~ V-{x[0]}; neg: x[1:] ~ V-{x[0]}."""
+    rng, y, first, X = _first_token_start(n, vocab_size, seq_len, seed)
     X[:, 1:] = _uniform_except(rng, vocab_size, first[:, None], (n, seq_len - 1))
     pos = np.flatnonzero(y == 1)
     where = rng.integers(1, seq_len, size=len(pos))
@@ -107,12 +113,7 @@ def first_token_repeated_once(n: int = 10_000, vocab_size: int = 20, seq_len: in
 def first_token_repeated_immediately(n: int = 10_000, vocab_size: int = 20, seq_len: int = 10,
                                      seed: int = 0) -> SyntheticDataset:
     """y=1 iff x[1]==x[0]; pos: x[1]=x[0], x[2:] ~ V-{x[0]}; neg: x[1] ~ V-{x[0]}, x[2:] ~ V."""
-    _check(vocab_size, seq_len)
-    rng = np.random.default_rng(seed)
-    y = _labels(n)
-    first = rng.integers(1, vocab_size, size=n)
-    X = np.empty((n, seq_len), dtype=np.int64)
-    X[:, 0] = first
+    rng, y, first, X = _first_token_start(n, vocab_size, seq_len, seed)
     pos = y == 1
     X[:, 1] = np.where(pos, first, _uniform_except(rng, vocab_size, first, n))
     rest_pos = _uniform_except(rng, vocab_size, first[:, None], (n, seq_len - 2))
@@ -125,12 +126,7 @@ def first_token_repeated_immediately(n: int = 10_000, vocab_size: int = 20, seq_
 def first_token_repeated_last(n: int = 10_000, vocab_size: int = 20, seq_len: int = 10,
                               seed: int = 0) -> SyntheticDataset:
     """y=1 iff x[L-1]==x[0]; x[1:L-1] ~ V; pos: x[L-1]=x[0]; neg: x[L-1] ~ V-{x[0]}."""
-    _check(vocab_size, seq_len)
-    rng = np.random.default_rng(seed)
-    y = _labels(n)
-    first = rng.integers(1, vocab_size, size=n)
-    X = np.empty((n, seq_len), dtype=np.int64)
-    X[:, 0] = first
+    rng, y, first, X = _first_token_start(n, vocab_size, seq_len, seed)
     X[:, 1:-1] = rng.integers(1, vocab_size, size=(n, seq_len - 2))
     X[:, -1] = np.where(y == 1, first, _uniform_except(rng, vocab_size, first, n))
     return _finish("FirstTokenRepeatedLast", X, y, rng, dict(n=n, vocab_size=vocab_size, seq_len=seq_len, seed=seed))
