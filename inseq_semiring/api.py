@@ -24,6 +24,7 @@ from .graph.model_state import attribution_mode
 from .graph.recorder import record
 from .graph.tape import Tape
 from .rules.registry import DEFAULT_RULES, RuleSet
+from .rules.weight_cache import sweep_scope
 from .semirings import SEMIRINGS
 from .traversal import sweep
 
@@ -115,7 +116,7 @@ def run(
     _check_root(tape)
     trail: dict[int, Any] = {}
     keep = trail.__setitem__ if backpointers else None
-    with torch.no_grad():
+    with torch.no_grad(), sweep_scope():
         env = sweep(tape, ring, ring.seed(tape.root), rules=rules, on_complete=keep)
         raw = tuple(env.get(tid) for tid in tape.input_ids)
         values = tuple(ring.finalize(r, x) for r, x in zip(raw, inputs))

@@ -1,6 +1,7 @@
 """A bounded cache of mapped constant weights (``|W|``, ``-|W| log |W|``) so that repeated sweeps over the same
 model map each parameter once. Entries are keyed by the weight's storage owner (held weakly), its version counter
-(bumped by any in-place update, e.g. an optimiser step), shape, strides and the map; anything else is recomputed.
+(bumped by any in-place update, e.g. an optimiser step), shape, strides and the map, and a hit is trusted only if a
+fingerprint of the values still matches (writes through ``.data`` do not bump the version counter).
 Size limit: ``$INSEQ_SEMIRING_WEIGHT_CACHE_MB`` (default 3072, enough for both maps of a ~350M-parameter float32 model; 0 disables).
 """
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 import os
 import weakref
 from collections import OrderedDict
+from contextlib import contextmanager
 from typing import Callable
 
 import torch
@@ -29,16 +31,43 @@ def cached_map(w: torch.Tensor, f: Callable[[torch.Tensor], torch.Tensor]) -> to
         return f(w)
     key = (f, id(owner), w._version, tuple(w.shape), tuple(w.stride()), w.storage_offset(), w.dtype, w.device)
     hit = _CACHE.get(key)
-    if hit is not None and hit[0]() is owner:
+    stamp = _fingerprint(owner)
+    if hit is not None and hit[0]() is owner and hit[2] == stamp:
         _CACHE.move_to_end(key)
         return hit[1]
     out = f(w)
-    _CACHE[key] = (weakref.ref(owner), out)
+    _CACHE[key] = (weakref.ref(owner), out, stamp)
     _BYTES[0] += size
     while _BYTES[0] > limit and _CACHE:
-        _, (_, old) = _CACHE.popitem(last=False)
+        _, (_, old, _) = _CACHE.popitem(last=False)
         _BYTES[0] -= old.numel() * old.element_size()
     return out
+
+
+_SCOPE: list[dict] = []  # memo of fingerprints for the sweep in progress (a weight is read once per sweep)
+
+
+@contextmanager
+def sweep_scope():
+    """Fingerprint each weight at most once inside the block (one sweep: both maps of a weight share it)."""
+    _SCOPE.append({})
+    try:
+        yield
+    finally:
+        _SCOPE.pop()
+
+
+def _fingerprint(t: torch.Tensor) -> tuple:
+    """The sum of all values and a few values themselves: any realistic update of the weights changes them."""
+    memo = _SCOPE[-1] if _SCOPE else None
+    key = (id(t), t._version)
+    if memo is not None and key in memo:
+        return memo[key]
+    flat = t.reshape(-1)
+    stamp = (float(flat.sum()), tuple(flat[:: max(1, flat.numel() // 16)][:16].tolist()))
+    if memo is not None:
+        memo[key] = stamp
+    return stamp
 
 
 def clear() -> None:
