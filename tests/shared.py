@@ -37,3 +37,19 @@ def assert_close_scaled(actual, expected, rtol, what=""):
         scale = float(e.abs().max()) if e.numel() else 0.0
         torch.testing.assert_close(a.to(torch.float64), e.to(torch.float64), rtol=rtol, atol=rtol * scale,
                                    msg=lambda m: f"{what}: {m}")
+
+
+#: test name -> (semiring, options) for every mode; the names are also the keys of the references' results.
+ALL_MODES = {
+    "gradient": ("gradient", {}),
+    "flow": ("flow", {}),
+    "entropy": ("entropy", {}),
+    "maxpath": ("maxpath", {}),
+    "positive": ("maxpath", {"sign": "positive"}),
+    "negative": ("maxpath", {"sign": "negative"}),
+    "tensor_abs": ("maxpath", {"granularity": "tensor"}),
+    "tensor_positive": ("maxpath", {"sign": "positive", "granularity": "tensor"}),
+    "tensor_negative": ("maxpath", {"sign": "negative", "granularity": "tensor"}),
+}
+SCALAR_MODES = {k: v for k, v in ALL_MODES.items() if not k.startswith("tensor")}
+TENSOR_MODES = {k: v for k, v in ALL_MODES.items() if k.startswith("tensor")}

@@ -21,21 +21,12 @@ import torch
 import inseq_semiring as isr
 import tiny_models as tm
 from inseq_semiring.graph.recorder import record
-from shared import assert_close_scaled, model_reference as reference
+from shared import ALL_MODES, assert_close_scaled, model_reference as reference
 
 pytestmark = pytest.mark.usefixtures("float64_default")
 
 ARCHS = list(tm.ARCHS)
-MODES = {
-    "flow": ("flow", {}),
-    "entropy": ("entropy", {}),
-    "maxpath": ("maxpath", {}),
-    "positive": ("maxpath", {"sign": "positive"}),
-    "negative": ("maxpath", {"sign": "negative"}),
-    "tensor_abs": ("maxpath", {"granularity": "tensor"}),
-    "tensor_positive": ("maxpath", {"sign": "positive", "granularity": "tensor"}),
-    "tensor_negative": ("maxpath", {"sign": "negative", "granularity": "tensor"}),
-}
+MODES = {k: v for k, v in ALL_MODES.items() if k != "gradient"}
 
 EXPECTED_OPS = {
     'gpt2': {

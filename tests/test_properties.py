@@ -19,22 +19,11 @@ import inseq_semiring as isr
 import tiny_models as tm
 from graphs import GRAPHS
 from reference import dense
-from shared import assert_close_scaled, graph_reference, model_reference
+from shared import ALL_MODES, assert_close_scaled, graph_reference, model_reference
 
 pytestmark = pytest.mark.usefixtures("float64_default")
 
 ARCHS = list(tm.ARCHS)
-ALL_MODES = {
-    "gradient": ("gradient", {}),
-    "flow": ("flow", {}),
-    "entropy": ("entropy", {}),
-    "maxpath": ("maxpath", {}),
-    "positive": ("maxpath", {"sign": "positive"}),
-    "negative": ("maxpath", {"sign": "negative"}),
-    "tensor_abs": ("maxpath", {"granularity": "tensor"}),
-    "tensor_positive": ("maxpath", {"sign": "positive", "granularity": "tensor"}),
-    "tensor_negative": ("maxpath", {"sign": "negative", "granularity": "tensor"}),
-}
 EPS = 1e-12  # relative slack for inequalities that can be tight (one path: flow == |gradient| == maxpath)
 
 

@@ -23,20 +23,11 @@ from inseq_semiring.graph.recorder import record
 from inseq_semiring.rules import DEFAULT_RULES
 from inseq_semiring.rules.jacobians import IndexMap, Pointwise
 from reference import dense
+from shared import ALL_MODES
 
 pytestmark = pytest.mark.usefixtures("float64_default")
 
-RINGS = {
-    "gradient": ("gradient", {}),
-    "flow": ("flow", {}),
-    "entropy": ("entropy", {}),
-    "maxpath": ("maxpath", {}),
-    "positive": ("maxpath", {"sign": "positive"}),
-    "negative": ("maxpath", {"sign": "negative"}),
-    "tensor_abs": ("maxpath", {"granularity": "tensor"}),
-    "tensor_positive": ("maxpath", {"sign": "positive", "granularity": "tensor"}),
-    "tensor_negative": ("maxpath", {"sign": "negative", "granularity": "tensor"}),
-}
+RINGS = ALL_MODES
 SCALAR_RINGS = [r for r in RINGS if not r.startswith("tensor")]
 MAX_RINGS = ["maxpath", "positive", "negative", "tensor_abs", "tensor_positive", "tensor_negative"]
 ORIGIN = (0, 0, 0)

@@ -15,24 +15,11 @@ import inseq_semiring as isr
 from graphs import GRAPHS
 from reference import dense
 from reference.enumerate import enumerate_paths, statistics
-from shared import assert_close_scaled, graph_reference as references
+from shared import SCALAR_MODES, TENSOR_MODES, assert_close_scaled, graph_reference as references
 
 pytestmark = pytest.mark.usefixtures("float64_default")
 
-#: test name -> (semiring, options); the names are also the keys of the references' results.
-MODES = {
-    "gradient": ("gradient", {}),
-    "flow": ("flow", {}),
-    "entropy": ("entropy", {}),
-    "maxpath": ("maxpath", {}),
-    "positive": ("maxpath", {"sign": "positive"}),
-    "negative": ("maxpath", {"sign": "negative"}),
-}
-TENSOR_MODES = {
-    "tensor_abs": ("maxpath", {"granularity": "tensor"}),
-    "tensor_positive": ("maxpath", {"sign": "positive", "granularity": "tensor"}),
-    "tensor_negative": ("maxpath", {"sign": "negative", "granularity": "tensor"}),
-}
+MODES = SCALAR_MODES
 
 
 def engine(fn, inputs, mode: str):
