@@ -222,7 +222,7 @@ def _print_top_path(ctx: AttributeContext) -> None:
     found = find_top_paths(am.model, am.tokenizer, ctx.input_text, target, k=1, sign=sign)
     print(f"top path ({sign}) into log p(first generated token):", file=ctx.stream)
     print(found.to_text(), file=ctx.stream)
-    if "prob" in str(getattr(ctx.output.info, "get", lambda *_: "")("attributed_fn", "probability")):
+    if "prob" in str(ctx.output.info.get("attributed_fn", "probability")):
         print("(the scores above use Inseq's root p(token); this path uses log p, so its value is larger by 1/p)",
               file=ctx.stream)
 

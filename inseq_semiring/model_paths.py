@@ -52,7 +52,7 @@ def hop_layer(hop: Hop) -> int | None:
 def hop_position(hop: Hop, n_tokens: int) -> int | None:
     """The token position of the hop's element: the first dimension of the tensor that has the sequence length."""
     for dim, size in enumerate(hop.shape):
-        if size == n_tokens and dim < len(hop.shape) - 1 or (size == n_tokens and len(hop.shape) == 1):
+        if size == n_tokens and (dim < len(hop.shape) - 1 or len(hop.shape) == 1):
             return hop.index[dim]
     return None
 
