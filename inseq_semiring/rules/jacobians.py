@@ -8,7 +8,7 @@ edges exist and carries their weights without ever materialising a dense Jacobia
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
@@ -109,8 +109,9 @@ class MatMul:
     left: bool
     in_shape: torch.Size
     out_shape: torch.Size
-    static: bool = False  # the weight is a constant (a parameter): mapped copies may be cached across sweeps
+    static: bool = False  # the weight is a constant (a parameter): mapped lazily, or cached across sweeps (opt-in)
     mat_shapes: tuple | None = None  # (in, out) as matrices when the tensors are vectors (``mv``)
+    entry_map: Callable[[Tensor], Tensor] | None = None  # a semiring's map of the entries, not yet applied
 
     @property
     def mat_in(self):
@@ -120,19 +121,38 @@ class MatMul:
     def mat_out(self):
         return self.out_shape if self.mat_shapes is None else self.mat_shapes[1]
 
-    def map_weights(self, f: Callable[[Tensor], Tensor]) -> "MatMul":
-        from .weight_cache import cached_map
+    @property
+    def blockwise(self) -> bool:
+        """One 2-D weight shared by every row of the left factor: a pull can map and use it block by block."""
+        return self.left and self.weight.dim() == 2 and self.mat_shapes is None
 
-        mapped = cached_map(self.weight, f) if self.static else f(self.weight)
-        return MatMul(mapped, self.left, self.in_shape, self.out_shape, self.static, self.mat_shapes)
+    def map_weights(self, f: Callable[[Tensor], Tensor]) -> "MatMul":
+        """The same product with entries ``f(w)``. A constant weight that the product can stream is mapped lazily
+        (``entry_map``; the pulls map one block at a time, see :mod:`~inseq_semiring.semirings.weight_maps`)
+        unless the opt-in cache of :mod:`~inseq_semiring.rules.weight_cache` takes it; others are mapped now."""
+        from .weight_cache import cached_map, will_cache
+
+        if self.entry_map is not None:
+            inner = self.entry_map
+            return replace(self, entry_map=lambda t: f(inner(t)))
+        if self.static and will_cache(self.weight):
+            return replace(self, weight=cached_map(self.weight, f))
+        if self.static and self.blockwise:
+            return replace(self, entry_map=f)
+        return replace(self, weight=f(self.weight))
+
+    def mapped(self) -> "MatMul":
+        """The same product with ``entry_map`` applied to the whole weight now."""
+        if self.entry_map is None:
+            return self
+        return replace(self, weight=self.entry_map(self.weight), entry_map=None)
 
     def entry(self, j: int, i: int) -> float:
         jj = _flat_to_index(j, self.mat_in)
         ii = _flat_to_index(i, self.mat_out)
         batch = ii[:-2] if self.weight.dim() > 2 else ()
-        if self.left:
-            return float(self.weight[(*batch, ii[-1], jj[-1])])
-        return float(self.weight[(*batch, jj[-2], ii[-2])])
+        w = self.weight[(*batch, ii[-1], jj[-1])] if self.left else self.weight[(*batch, jj[-2], ii[-2])]
+        return float(w if self.entry_map is None else self.entry_map(w))
 
 
 @dataclass(frozen=True, eq=False)

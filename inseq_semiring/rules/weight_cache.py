@@ -1,8 +1,12 @@
-"""A bounded cache of mapped constant weights (``|W|``, ``-|W| log |W|``) so that repeated sweeps over the same
-model map each parameter once. Entries are keyed by the weight's storage owner (held weakly), its version counter
-(bumped by any in-place update, e.g. an optimiser step), shape, strides and the map, and a hit is trusted only if a
-fingerprint of the values still matches (writes through ``.data`` do not bump the version counter).
-Size limit: ``$INSEQ_SEMIRING_WEIGHT_CACHE_MB`` (default 3072, enough for both maps of a ~350M-parameter float32 model; 0 disables).
+"""An opt-in, bounded cache of mapped constant weights (``|W|``, ``-|W| log |W|``) so that repeated sweeps over
+the same model map each parameter once: entropy on GPT-2 small runs ~10% faster, for 0.9 GiB held between calls.
+Off by default: without it a constant weight is mapped block by block inside each pull and nothing is kept
+(:mod:`~inseq_semiring.semirings.weight_maps`), so a call's extra memory stays within a few times a gradient's.
+Entries are keyed by the weight's storage owner (held weakly), its version counter (bumped by any in-place update,
+e.g. an optimiser step), shape, strides and the map, and a hit is trusted only if a fingerprint of the values still
+matches (writes through ``.data`` do not bump the version counter).
+Size limit: ``$INSEQ_SEMIRING_WEIGHT_CACHE_MB`` (default 0: off; e.g. 3072 holds both maps of a ~350M-parameter
+float32 model). A weight larger than the limit is never cached.
 """
 
 from __future__ import annotations
@@ -20,7 +24,13 @@ _BYTES = [0]
 
 
 def _limit() -> int:
-    return int(float(os.environ.get("INSEQ_SEMIRING_WEIGHT_CACHE_MB", "3072")) * 2**20)
+    return int(float(os.environ.get("INSEQ_SEMIRING_WEIGHT_CACHE_MB", "0")) * 2**20)
+
+
+def will_cache(w: torch.Tensor) -> bool:
+    """Whether :func:`cached_map` keeps maps of ``w`` (the cache is on and ``w`` fits in it)."""
+    limit = _limit()
+    return 0 < w.numel() * w.element_size() <= limit
 
 
 def cached_map(w: torch.Tensor, f: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:

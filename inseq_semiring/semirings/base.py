@@ -24,20 +24,10 @@ from torch import Tensor
 from ..kernels.maxtimes import max_times
 from ..kernels.rowcore import core_pull_max, core_pull_sum
 from ..rules.jacobians import IndexMap, LayerNormRow, MatMul, Pointwise, Reduction, RowDense
+from .weight_maps import abs_weight, mapped_max_times, mapped_mm, mapped_mm_pair, neg_w_log_w  # noqa: F401
 
 #: Target number of elements of a dense temporary (row-dense chunks, masked max products).
 CHUNK_ELEMENTS = 1 << 22
-
-
-def abs_weight(w: Tensor) -> Tensor:
-    """Edge map ``w -> |w|``."""
-    return w.abs()
-
-
-def neg_w_log_w(w: Tensor) -> Tensor:
-    """Edge map ``w -> -|w| log |w|`` with ``0 log 0 = 0`` (the U part of the expectation-semiring edge)."""
-    aw = w.abs()
-    return -torch.xlogy(aw, aw)
 
 
 class Semiring:
@@ -79,16 +69,17 @@ def sum_to_shape(x: Tensor, shape) -> Tensor:
     return out.reshape(shape) if lead or dims else out
 
 
-def amax_to_shape(x: Tensor, shape, largest: bool = True) -> tuple[Tensor, Tensor]:
-    """Max (or min) of a broadcast result over the broadcast dims, with the flat index into ``x`` of the winner.
+def amax_to_shape(x: Tensor, shape, largest: bool = True, index: bool = True) -> tuple[Tensor, Tensor | None]:
+    """Max (or min) of a broadcast result over the broadcast dims, with the flat index into ``x`` of the winner
+    (None when ``index`` is False and no broadcast happened).
 
     Ties: the smallest flat index wins (``torch.max`` returns the first occurrence on CPU and CUDA for our layout,
     which we make explicit by reducing one flattened dim).
     """
     out_shape = x.shape
-    flat_index = torch.arange(x.numel(), device=x.device).reshape(out_shape)
     if tuple(out_shape) == tuple(shape):
-        return x, flat_index
+        return x, (torch.arange(x.numel(), device=x.device).reshape(out_shape) if index else None)
+    flat_index = torch.arange(x.numel(), device=x.device).reshape(out_shape)
     dims, _ = _broadcast_dims(shape, out_shape)
     keep = [d for d in range(len(out_shape)) if d not in dims]
     perm = keep + dims
@@ -131,17 +122,7 @@ def linear_pull(kind, a: Tensor) -> Tensor:
                 out = out * kind.weight
         return out.reshape(kind.in_shape)
     if isinstance(kind, MatMul):
-        if kind.left:
-            if a.dim() == 2 and kind.weight.dim() == 2:  # skip rows that carry nothing (e.g. an LM head root)
-                rows = (a != 0).any(-1)
-                n_active = int(rows.sum())
-                if n_active < a.shape[0]:
-                    out = a.new_zeros(a.shape[0], kind.weight.shape[-1])
-                    if n_active:
-                        out[rows] = a[rows] @ kind.weight
-                    return out
-            return a @ kind.weight
-        return (kind.weight @ a.reshape(kind.mat_out)).reshape(kind.in_shape)
+        return _matmul_linear(kind, a)
     if isinstance(kind, RowDense):
         if kind.entry_map in (abs_weight, neg_w_log_w) and kind.u.shape[0] == 1:
             return _rank1_scaled(RowDense(kind.d, kind.u, kind.v), a, None, kind.entry_map)[0]
@@ -176,25 +157,57 @@ def scaled_pulls(kind, z: Tensor, u: Tensor | None, only=None) -> tuple[Tensor, 
 
 
 def _matmul_scaled(kind: MatMul, z: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
-    """``[z; u] |W|`` as one product (twice the rows, one pass over ``|W|``), plus ``z (-|W| log|W|)``."""
+    """``[z; u] |W|`` as one product (twice the rows, one pass over ``|W|``), plus ``z (-|W| log|W|)``; a constant
+    ``W`` is mapped block by block (:func:`~inseq_semiring.semirings.weight_maps.mapped_mm_pair`)."""
+    kind = kind.mapped()
     k_abs, k_nlogn = kind.map_weights(abs_weight), kind.map_weights(neg_w_log_w)
-    if kind.left and kind.weight.dim() == 2 and kind.mat_shapes is None:
-        n = z.shape[-1]
-        zf, uf = z.reshape(-1, n), u.reshape(-1, n)
-        rows = (zf != 0).any(-1) | (uf != 0).any(-1)
-        n_active = int(rows.sum())
-        out_z = z.new_zeros(zf.shape[0], k_abs.weight.shape[-1])
-        out_u = torch.zeros_like(out_z)
-        if n_active:
-            sel = slice(None) if n_active == zf.shape[0] else rows
-            za, ua = zf[sel], uf[sel]
-            both = torch.cat([za, ua]) @ k_abs.weight
-            out_z[sel] = both[:za.shape[0]]
-            out_u[sel] = both[za.shape[0]:] + za @ k_nlogn.weight
-        shape = kind.in_shape
-        return out_z.reshape(shape), out_u.reshape(shape)
-    z2 = linear_pull(k_abs, z)
-    return z2, linear_pull(k_abs, u) + linear_pull(k_nlogn, z)
+    if not kind.blockwise:
+        z2 = linear_pull(k_abs, z)
+        return z2, linear_pull(k_abs, u) + linear_pull(k_nlogn, z)
+    n, k = kind.weight.shape
+    zf, uf = z.reshape(-1, n), u.reshape(-1, n)
+    rows = (zf != 0).any(-1) | (uf != 0).any(-1)
+    n_active = int(rows.sum())
+    out_z = z.new_zeros(zf.shape[0], k)
+    out_u = torch.zeros_like(out_z)
+    if n_active:
+        sel = slice(None) if n_active == zf.shape[0] else rows
+        za, ua = zf[sel], uf[sel]
+        if k_abs.entry_map is not None:  # lazily mapped constant weight
+            both, nlogn = mapped_mm_pair(torch.cat([za, ua]), za, kind.weight)
+        else:
+            both, nlogn = torch.cat([za, ua]) @ k_abs.weight, za @ k_nlogn.weight
+        out_z[sel] = both[:za.shape[0]]
+        out_u[sel] = both[za.shape[0]:] + nlogn
+    shape = (*z.shape[:-1], k)
+    return out_z.reshape(shape), out_u.reshape(shape)
+
+
+def _matmul_linear(kind: MatMul, a: Tensor) -> Tensor:
+    """``a @ weight`` (left factor) or ``weight @ a`` (right factor); rows of ``a`` that carry nothing are skipped
+    (e.g. all positions but the last under an LM-head root); a lazily mapped weight is mapped block by block."""
+    if not kind.blockwise:
+        kind = kind.mapped()
+        if kind.left:
+            return a @ kind.weight
+        return (kind.weight @ a.reshape(kind.mat_out)).reshape(kind.in_shape)
+    n, k = kind.weight.shape
+    if kind.entry_map is None:
+        product = lambda x: x @ kind.weight  # noqa: E731
+    else:
+        product = lambda x: mapped_mm(x, kind.weight, kind.entry_map)  # noqa: E731
+    return _active_rows(a.reshape(-1, n), product, k).reshape(*a.shape[:-1], k)
+
+
+def _active_rows(rows: Tensor, product, width: int) -> Tensor:
+    active = (rows != 0).any(-1)
+    n_active = int(active.sum())
+    if n_active == rows.shape[0]:
+        return product(rows)
+    out = rows.new_zeros(rows.shape[0], width)
+    if n_active:
+        out[active] = product(rows[active])
+    return out
 
 
 def _rank1_scaled(kind: RowDense, z, u, only):
@@ -254,17 +267,18 @@ def _rowdense_linear(kind: RowDense, a: Tensor) -> Tensor:
 
 # -- (max, x) pulls on non-negative values --------------------------------------------------------------------
 
-def max_pull(kind, a: Tensor) -> tuple[Tensor, Tensor]:
+def max_pull(kind, a: Tensor, index: bool = True) -> tuple[Tensor, Tensor | None]:
     """``a'_j = max_i a_i J[i, j]`` and the flat output index ``i*`` of the winner (values and weights >= 0 are
-    expected: the caller maps weights to ``|w|``). Ties: the smallest output index."""
+    expected: the caller maps weights to ``|w|``). Ties: the smallest output index. ``index=False``: the index may
+    be None (skipped where it costs extra work)."""
     if isinstance(kind, Pointwise):
-        return amax_to_shape(a * kind.weight, kind.in_shape)
+        return amax_to_shape(a * kind.weight, kind.in_shape, index=index)
     if isinstance(kind, Reduction):
-        return kind.expand_out(a) * kind.weight, kind.out_index().to(a.device)
+        return kind.expand_out(a) * kind.weight, (kind.out_index().to(a.device) if index else None)
     if isinstance(kind, IndexMap):
-        return _scatter_max(kind, a * kind.weight if kind.weight != 1 else a)
+        return _scatter_max(kind, a * kind.weight if kind.weight != 1 else a, index=index)
     if isinstance(kind, MatMul):
-        return _matmul_max(kind, a)
+        return _matmul_max(kind, a, index)
     if isinstance(kind, RowDense):
         if kind.u.shape[0] == 1 and kind.entry_map is abs_weight:
             return _rank1_max(kind, a)
@@ -306,43 +320,54 @@ def _layernorm_max(kind: LayerNormRow, a: Tensor) -> tuple[Tensor, Tensor]:
     return vals, rows * n + pos
 
 
-def _scatter_max(kind: IndexMap, a: Tensor, largest: bool = True, empty: float = 0.0) -> tuple[Tensor, Tensor]:
+def _scatter_max(kind: IndexMap, a: Tensor, largest: bool = True, empty: float = 0.0,
+                 index: bool = True) -> tuple[Tensor, Tensor | None]:
     n_in = _numel(kind.in_shape)
-    out_pos = torch.arange(a.numel(), device=a.device)
     if kind.identity:
-        return a.reshape(kind.in_shape), out_pos.reshape(kind.in_shape)
-    index = kind.index.reshape(-1)
+        return a.reshape(kind.in_shape), (torch.arange(a.numel(), device=a.device).reshape(kind.in_shape)
+                                          if index else None)
+    out_pos = torch.arange(a.numel(), device=a.device)
+    where = kind.index.reshape(-1)
     src = a.reshape(-1)
-    valid = index >= 0
+    valid = where >= 0
     if not bool(valid.all()):
-        index, src, out_pos = index[valid], src[valid], out_pos[valid]
-    if kind.injective:  # one candidate per input element at most: a scatter, no max
-        best = a.new_full((n_in,), empty)
-        arg = torch.full((n_in,), -1, dtype=torch.long, device=a.device)
-        best[index] = src
-        arg[index] = out_pos
-        return best.reshape(kind.in_shape), arg.reshape(kind.in_shape)
+        where, src, out_pos = where[valid], src[valid], out_pos[valid]
     best = a.new_full((n_in,), empty)
-    best.scatter_reduce_(0, index, src, reduce="amax" if largest else "amin", include_self=False)
-    win = src == best[index]
+    if kind.injective:  # one candidate per input element at most: a scatter, no max
+        best[where] = src
+    else:
+        best.scatter_reduce_(0, where, src, reduce="amax" if largest else "amin", include_self=False)
+    if not index:
+        return best.reshape(kind.in_shape), None
     arg = torch.full((n_in,), -1, dtype=torch.long, device=a.device)
+    if kind.injective:
+        arg[where] = out_pos
+        return best.reshape(kind.in_shape), arg.reshape(kind.in_shape)
+    win = src == best[where]
     if win.any():
         fill = torch.full((n_in,), src.numel(), dtype=torch.long, device=a.device)
-        fill.scatter_reduce_(0, index[win], out_pos[win], reduce="amin", include_self=True)
+        fill.scatter_reduce_(0, where[win], out_pos[win], reduce="amin", include_self=True)
         arg = torch.where(fill < src.numel(), fill, arg)
     return best.reshape(kind.in_shape), arg.reshape(kind.in_shape)
 
 
-def _matmul_max(kind: MatMul, a: Tensor) -> tuple[Tensor, Tensor]:
+def _matmul_max(kind: MatMul, a: Tensor, index: bool = True) -> tuple[Tensor, Tensor | None]:
+    if not kind.blockwise:
+        kind = kind.mapped()
     w, (m, n) = kind.weight, kind.mat_out[-2:]
     if kind.left and w.dim() == 2:  # shared weight: every leading row is independent
         rows = a.reshape(-1, n)
-        vals, col = _rows_active_max(rows, w)
+        vals, col = _rows_active_max(rows, w, kind.entry_map, index)
+        if not index:
+            return vals.reshape(kind.in_shape), None
         idx = torch.arange(rows.shape[0], device=a.device).unsqueeze(-1) * n + col
         return vals.reshape(kind.in_shape), idx.reshape(kind.in_shape)
     a3 = a.reshape(-1, m, n)
     w3 = w.reshape(-1, *w.shape[-2:]).expand(a3.shape[0], -1, -1) if w.dim() > 2 else w.expand(a3.shape[0], -1, -1)
     b = torch.arange(a3.shape[0], device=a.device).view(-1, 1, 1)
+    if not index:
+        vals = max_times(a3, w3) if kind.left else max_times(w3, a3)
+        return vals.reshape(kind.in_shape), None
     if kind.left:  # a' [B, m, k] = max_c a[B, m, c] w[B, c, k]
         vals, col = max_times(a3, w3, argmax=True)
         idx = (b * m + torch.arange(m, device=a.device).view(1, -1, 1)) * n + col
@@ -352,17 +377,25 @@ def _matmul_max(kind: MatMul, a: Tensor) -> tuple[Tensor, Tensor]:
     return vals.reshape(kind.in_shape), idx.reshape(kind.in_shape)
 
 
-def _rows_active_max(a: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
-    """2-D max-times that skips rows of ``a`` that are entirely zero."""
+def _rows_active_max(a: Tensor, w: Tensor, entry_map=None, index: bool = True) -> tuple[Tensor, Tensor | None]:
+    """2-D max-times (with ``entry_map(w)`` done block by block if given) that skips rows of ``a`` that are
+    entirely zero; the winning column index too when ``index``."""
+    def product(x):
+        if entry_map is not None:
+            return mapped_max_times(x, w, entry_map, argmax=index)
+        return max_times(x, w, argmax=True) if index else (max_times(x, w), None)
+
     rows = (a != 0).any(-1)
     n_active = int(rows.sum())
     if n_active == a.shape[0]:
-        return max_times(a, w, argmax=True)
+        return product(a)
     vals = a.new_zeros(a.shape[0], w.shape[-1])
-    arg = torch.zeros(a.shape[0], w.shape[-1], dtype=torch.long, device=a.device)
+    arg = torch.zeros(a.shape[0], w.shape[-1], dtype=torch.long, device=a.device) if index else None
     if n_active:
-        v, i = max_times(a[rows], w, argmax=True)
-        vals[rows], arg[rows] = v, i
+        v, i = product(a[rows])
+        vals[rows] = v
+        if index:
+            arg[rows] = i
     return vals, arg
 
 

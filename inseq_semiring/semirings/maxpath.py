@@ -91,7 +91,7 @@ class MaxPath(Semiring):
         if not self.scalar:
             return self._pull_vjp(kind, value, origin)
         if not self.signed:
-            m, idx = max_pull(kind.map_weights(abs_weight), value.hi)
+            m, idx = max_pull(kind.map_weights(abs_weight), value.hi, index=self.backpointers)
             return self._make(m, None, value.log_scale, idx, None, origin)
         hi, hi_idx, lo, lo_idx = _signed_pull(kind, value.hi, value.lo)
         return self._make(hi, lo, value.log_scale, hi_idx, lo_idx, origin)
@@ -172,7 +172,12 @@ def _align(a: MaxValue, b: MaxValue):
 
 
 def _renormalise(v: MaxValue) -> MaxValue:
-    mags = [v.hi.abs()] + ([v.lo.abs()] if v.lo is not None else [])
+    """Divide by the largest finite magnitude (folded into ``log_scale``)."""
+    if v.lo is None:  # abs mode: values >= 0, absent = 0; an inf (an infinite local weight) is left unscaled
+        m = v.hi.amax() if v.hi.numel() else v.hi.new_zeros(())
+        m = torch.where((m > 0) & torch.isfinite(m), m, torch.ones_like(m))
+        return replace(v, hi=v.hi / m, log_scale=v.log_scale + torch.log(m.double()))
+    mags = [v.hi.abs(), v.lo.abs()]
     m = torch.stack([x.masked_fill(~torch.isfinite(x), 0).amax() if x.numel() else x.new_zeros(()) for x in mags]).amax()
     m = torch.where(m > 0, m, torch.ones_like(m))
     return replace(v, hi=v.hi / m, lo=None if v.lo is None else v.lo / m, log_scale=v.log_scale + torch.log(m.double()))

@@ -1,0 +1,98 @@
+"""Edge maps of the additive and max semirings, and products with a mapped *constant* matrix done block by block.
+
+Maps: ``|w|`` (flow, the ``Z`` part of entropy, maxpath) and ``-|w| log |w|`` (the ``U`` part of entropy, with
+``0 log 0 = 0``). For a weight ``W`` [n, k] (rows: the output features the pull sums over) the products
+
+    a @ f(W)                          (:func:`mapped_mm`)
+    a1 @ |W|,  a2 @ (-|W| log |W|)    (:func:`mapped_mm_pair`: both maps from one pass over each block)
+    max_c a[:, c] f(W)[c, :]          (:func:`mapped_max_times`, with the smallest winning ``c``)
+
+map one block of about ``BLOCK_ELEMENTS`` entries of ``W`` at a time, use it and drop it. Memory: one block,
+whatever the weight's size (a 50257 x 768 LM head needs 4 MiB, not 147 MiB per map); time: the map is one cheap
+pass over ``W`` per call, and the block is still in cache when the product reads it. Nothing is kept between
+calls (an opt-in cache of whole mapped weights lives in :mod:`inseq_semiring.rules.weight_cache`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..kernels.maxtimes import max_times
+from ..kernels.xlogx import abs_and_neg_xlogx
+
+#: Entries of ``W`` mapped at once by the (+, x) products (4 MiB of float32).
+BLOCK_ELEMENTS = 1 << 20
+#: Entries per block for max-times (its kernel is compute-bound; fewer, larger blocks).
+MAX_BLOCK_ELEMENTS = 1 << 21
+
+
+def abs_weight(w: Tensor) -> Tensor:
+    """Edge map ``w -> |w|``."""
+    return w.abs()
+
+
+def neg_w_log_w(w: Tensor) -> Tensor:
+    """Edge map ``w -> -|w| log |w|`` with ``0 log 0 = 0`` (the U part of the expectation-semiring edge).
+    (Blocks of big constant weights take the one-pass kernel :func:`~inseq_semiring.kernels.xlogx.abs_and_neg_xlogx`
+    instead; both logs are within an ulp of each other.)"""
+    aw = w.abs()
+    return -torch.xlogy(aw, aw)
+
+
+def _blocks(n: int, k: int, elements: int):
+    step = max(1, elements // max(1, k))
+    for start in range(0, n, step):
+        yield slice(start, min(n, start + step))
+
+
+def _contiguous_map(block: Tensor, f) -> Tensor:
+    """``f(block)`` in row-major order, what the max-times kernel reads (mapping first keeps the strides of a
+    transposed weight dense, so the transposing copy that follows is the fast kind)."""
+    return f(block).contiguous()
+
+
+def mapped_mm(a: Tensor, w: Tensor, f) -> Tensor:
+    """``a @ f(w)`` for ``a`` [r, n] and a 2-D ``w`` [n, k], without holding ``f(w)`` whole."""
+    if f is neg_w_log_w:
+        return mapped_mm_pair(None, a, w)[1]
+    out = a.new_zeros(a.shape[0], w.shape[1])
+    for rows in _blocks(w.shape[0], w.shape[1], BLOCK_ELEMENTS):
+        out.addmm_(a[:, rows], f(w[rows]))
+    return out
+
+
+def mapped_mm_pair(a_abs: Tensor | None, a_nlogn: Tensor | None, w: Tensor) -> tuple[Tensor | None, Tensor | None]:
+    """``(a_abs @ |w|, a_nlogn @ (-|w| log |w|))``; either factor may be None (its product is then None)."""
+    like = a_abs if a_abs is not None else a_nlogn
+    out_abs = None if a_abs is None else like.new_zeros(a_abs.shape[0], w.shape[1])
+    out_nlogn = None if a_nlogn is None else like.new_zeros(a_nlogn.shape[0], w.shape[1])
+    for rows in _blocks(w.shape[0], w.shape[1], BLOCK_ELEMENTS):
+        if a_nlogn is None:
+            out_abs.addmm_(a_abs[:, rows], w[rows].abs())
+            continue
+        mag, nlogn = abs_and_neg_xlogx(w[rows])
+        if out_abs is not None:
+            out_abs.addmm_(a_abs[:, rows], mag)
+        out_nlogn.addmm_(a_nlogn[:, rows], nlogn)
+    return out_abs, out_nlogn
+
+
+def mapped_max_times(a: Tensor, w: Tensor, f, argmax: bool = True) -> tuple[Tensor, Tensor | None]:
+    """``max_c a[r, c] f(w)[c, j]`` and (``argmax``) the winning ``c``; ties: the smallest ``c`` (a later block
+    replaces the running winner only when strictly greater, as inside :func:`~inseq_semiring.kernels.maxtimes.max_times`)."""
+    if w.shape[0] == 0:
+        out = max_times(a, f(w), argmax=argmax)
+        return out if argmax else (out, None)
+    best = index = None
+    for rows in _blocks(w.shape[0], w.shape[1], MAX_BLOCK_ELEMENTS):
+        out = max_times(a[:, rows], _contiguous_map(w[rows], f), argmax=argmax)
+        vals, idx = out if argmax else (out, None)
+        if best is None:
+            best, index = vals, (None if idx is None else idx + rows.start)
+            continue
+        better = vals > best
+        best = torch.where(better, vals, best)
+        if argmax:
+            index = torch.where(better, idx + rows.start, index)
+    return best, index

@@ -1,0 +1,143 @@
+"""Products with a mapped constant weight, done block by block (semirings/weight_maps.py), and the one-pass
+``(|w|, -|w| log|w|)`` kernel (kernels/xlogx.py): equal to the whole-matrix formulas, on any layout and with blocks
+that split the weight anywhere; end to end equal to the eagerly mapped (cached) weights; never a whole map."""
+
+import pytest
+import torch
+
+import inseq_semiring as isr
+import tiny_models as tm
+from inseq_semiring.kernels import xlogx
+from inseq_semiring.paths import top_paths
+from inseq_semiring.rules import weight_cache
+from inseq_semiring.semirings import weight_maps as wm
+
+torch.set_num_threads(1)
+
+
+def _nlogn(w):
+    a = w.abs()
+    return -torch.xlogy(a, a)
+
+
+def _weights(dtype=torch.float64):
+    """The layouts the rules hand over: row-major (nn.Linear), a transposed view (GPT-2 Conv1D), a column slice."""
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(13, 7, generator=g, dtype=torch.float64).to(dtype)
+    base[2, :3] = 0.0  # 0 log 0 = 0
+    base[5] = base[1]  # equal rows: max-times ties across blocks
+    t = torch.randn(7, 13, generator=g, dtype=torch.float64).to(dtype).t()
+    wide = torch.randn(13, 11, generator=g, dtype=torch.float64).to(dtype)[:, 2:9]
+    return {"row-major": base, "transposed": t, "sliced": wide}
+
+
+@pytest.fixture
+def tiny_blocks(monkeypatch):
+    monkeypatch.setattr(wm, "BLOCK_ELEMENTS", 10)  # 1 row of 7: every row its own block
+    monkeypatch.setattr(wm, "MAX_BLOCK_ELEMENTS", 15)  # 2 rows
+
+
+@pytest.mark.parametrize("layout", ["row-major", "transposed", "sliced"])
+def test_mapped_products_equal_the_whole_matrix_formulas(layout, tiny_blocks):
+    w = _weights()[layout]
+    g = torch.Generator().manual_seed(1)
+    a = torch.rand(4, w.shape[0], generator=g, dtype=torch.float64)
+    torch.testing.assert_close(wm.mapped_mm(a, w, wm.abs_weight), a @ w.abs(), rtol=1e-13, atol=0)
+    torch.testing.assert_close(wm.mapped_mm(a, w, wm.neg_w_log_w), a @ _nlogn(w), rtol=1e-13, atol=0)
+    square = lambda t: t * t  # noqa: E731  (any map, not only the two named ones)
+    torch.testing.assert_close(wm.mapped_mm(a, w, square), a @ (w * w), rtol=1e-13, atol=0)
+    z, u = a[:2], a[2:]
+    pa, pb = wm.mapped_mm_pair(z, u, w)
+    torch.testing.assert_close(pa, z @ w.abs(), rtol=1e-13, atol=0)
+    torch.testing.assert_close(pb, u @ _nlogn(w), rtol=1e-13, atol=0)
+    assert wm.mapped_mm_pair(None, u, w)[0] is None
+
+
+@pytest.mark.parametrize("layout", ["row-major", "transposed", "sliced"])
+def test_mapped_max_times_value_and_first_winner(layout, tiny_blocks):
+    w = _weights()[layout]
+    a = torch.ones(3, w.shape[0], dtype=torch.float64)  # with rows 1 and 5 equal, both always tie
+    a[1] = torch.rand(w.shape[0], generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    cand = a[:, :, None] * w.abs()[None]  # [r, n, k]
+    vals, idx = wm.mapped_max_times(a, w, wm.abs_weight)
+    torch.testing.assert_close(vals, cand.amax(1), rtol=0, atol=0)
+    first = (cand == cand.amax(1, keepdim=True)).to(torch.int64).argmax(1)  # first maximal position
+    assert torch.equal(idx, first)
+    only, none = wm.mapped_max_times(a, w, wm.abs_weight, argmax=False)
+    assert none is None and torch.equal(only, vals)
+
+
+def test_mapped_max_times_with_an_empty_contraction():
+    vals, idx = wm.mapped_max_times(torch.ones(2, 0), torch.ones(0, 3), wm.abs_weight)
+    assert vals.shape == (2, 3) and bool(torch.isneginf(vals).all()) and bool((idx == -1).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_xlogx_kernel_matches_the_torch_formula(dtype):
+    if xlogx.active_backend(torch.zeros(1, dtype=dtype)) != "cpp":
+        pytest.skip("no C++ extension here")
+    g = torch.Generator().manual_seed(3)
+    w = (torch.randn(37, 45, generator=g, dtype=torch.float64) * 0.05).to(dtype)  # 45: a vector tail
+    w[0, :4] = 0.0
+    w[1, 0] = torch.finfo(dtype).smallest_normal / 8  # subnormal: outside the vector log's range
+    w[3, 44] = -torch.finfo(dtype).smallest_normal / 3
+    w[4, 1] = 1.0  # log 1 = 0
+    for x in (w, w.t(), w[:, 1:40], w[5:6], w.reshape(-1)):
+        a, b = xlogx.abs_and_neg_xlogx(x)
+        ta, tb = xlogx.abs_and_neg_xlogx(x, backend="torch")
+        assert a.shape == x.shape and b.shape == x.shape
+        assert torch.equal(a, ta)
+        exact = _nlogn(x.double())
+        tol = 4 * torch.finfo(dtype).eps
+        assert bool(((b.double() - exact).abs() <= tol * exact.abs() + torch.finfo(dtype).smallest_normal).all())
+        assert bool((b[x == 0] == 0).all())
+        assert bool((tb[x == 0] == 0).all())
+
+
+def test_torch_backend_is_exact_down_to_subnormals():
+    w = torch.tensor([0.0, 5e-324, 1e-310, 1e-5, -2.5, 1.0], dtype=torch.float64)
+    _, b = xlogx.abs_and_neg_xlogx(w, backend="torch")
+    torch.testing.assert_close(b, _nlogn(w), rtol=1e-15, atol=0)
+
+
+def _run_all(case, semiring, **kw):
+    return isr.run(case.fn, case.inputs, semiring, model=case.model, **kw)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])  # transposed Conv1D weights; row-major nn.Linear weights
+def test_blockwise_maps_equal_cached_whole_maps_end_to_end(arch, tiny_blocks, monkeypatch):
+    case = tm.build(arch)
+    lazy = {s: _run_all(case, s, backpointers=s == "maxpath") for s in ("flow", "entropy", "maxpath")}
+    assert weight_cache.cache_bytes() == 0
+    monkeypatch.setenv("INSEQ_SEMIRING_WEIGHT_CACHE_MB", "64")
+    weight_cache.clear()
+    try:
+        eager = {s: _run_all(case, s, backpointers=s == "maxpath") for s in lazy}
+        assert weight_cache.cache_bytes() > 0
+    finally:
+        weight_cache.clear()
+    for s in lazy:
+        for x, y in zip(lazy[s].values, eager[s].values):
+            torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-300)
+    for p, q in zip(top_paths(lazy["maxpath"], k=3), top_paths(eager["maxpath"], k=3)):
+        assert [(h.op, h.index) for h in p.hops] == [(h.op, h.index) for h in q.hops]
+        assert p.value == pytest.approx(q.value, rel=1e-12)
+
+
+def test_a_pull_maps_one_block_at_a_time(monkeypatch):
+    """An LM-head-shaped weight is never mapped whole: every mapped piece is at most one block."""
+    torch.manual_seed(0)
+    head = torch.nn.Linear(6, 500, bias=False).double()
+    x = torch.randn(1, 6, dtype=torch.float64)
+    fn = lambda e: torch.log_softmax(head(e), -1)[0, 3]  # noqa: E731
+    monkeypatch.setattr(wm, "BLOCK_ELEMENTS", 600)
+    monkeypatch.setattr(wm, "MAX_BLOCK_ELEMENTS", 600)
+    sizes = []
+    real_pair, real_abs = xlogx.abs_and_neg_xlogx, wm.abs_weight
+    monkeypatch.setattr(wm, "abs_and_neg_xlogx", lambda w, **k: (sizes.append(w.numel()), real_pair(w, **k))[1])
+    isr.semiring_backward(fn, x, "entropy")
+    assert sizes and max(sizes) <= 600
+    monkeypatch.setattr(wm, "_contiguous_map", lambda b, f: (sizes.append(b.numel()), real_abs(b).contiguous())[1])
+    sizes.clear()
+    isr.semiring_backward(fn, x, "maxpath")
+    assert sizes and max(sizes) <= 600
