@@ -75,21 +75,34 @@ class Reduction:
 
 @dataclass(frozen=True, eq=False)
 class IndexMap:
-    """``y_i = x_{index_i}`` with weight 1, or no edge where ``index_i == -1`` (views, slices, cat, gather, ...)."""
+    """``y_i = x_{index_i}`` with weight 1, or no edge where ``index_i == -1`` (views, slices, cat, gather, ...).
+    A reshape (``identity``: ``y.flatten() == x.flatten()``) carries no index tensor (:meth:`reshape`), only its
+    output shape: its pulls are reshapes, and an int64 ``arange`` of a logits-sized view would cost twice the view."""
 
-    index: Tensor  # int64, out_shape
+    index: Tensor | None  # int64, out_shape; None for an identity map (see :meth:`indices`)
     in_shape: torch.Size
     weight: float = 1.0  # 1 for the structural edge; a semiring may map it (e.g. -1 log 1 = 0)
     injective: bool = False  # each input element feeds at most one output element (no fan-out inside the op)
     identity: bool = False  # y.flatten() == x.flatten() (views and copies in logical order): a pull is a reshape
+    shape: torch.Size | None = None  # the output shape when ``index`` is None
+
+    @classmethod
+    def reshape(cls, in_shape, out_shape) -> "IndexMap":
+        return cls(None, torch.Size(in_shape), injective=True, identity=True, shape=torch.Size(out_shape))
 
     @property
     def out_shape(self) -> torch.Size:
-        return self.index.shape
+        return self.index.shape if self.index is not None else self.shape
+
+    def indices(self, device=None) -> Tensor:
+        """``index``, built on demand for an identity map."""
+        if self.index is not None:
+            return self.index
+        return torch.arange(_numel(self.shape), device=device).reshape(self.shape)
 
     def map_weights(self, f: Callable[[Tensor], Tensor]) -> "IndexMap":
         w = float(f(torch.tensor(self.weight, dtype=torch.float64)))
-        return IndexMap(self.index, self.in_shape, w, self.injective, self.identity)
+        return replace(self, weight=w)
 
     def entry(self, j: int, i: int) -> float:
         return self.weight

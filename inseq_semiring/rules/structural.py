@@ -91,9 +91,7 @@ def index_map(rec: OpRecord):
             continue
         x = rec.leaves[leaf]
         if identity:
-            out = rec.outputs[0]
-            idx = torch.arange(out.numel(), device=out.device).reshape(out.shape)
-            edges.append(Edge(0, leaf, IndexMap(idx, x.shape, injective=True, identity=True)))
+            edges.append(Edge(0, leaf, IndexMap.reshape(x.shape, rec.outputs[0].shape)))
             continue
         for slot, idx in enumerate(_index_call(rec, leaf)):
             if rec.output_ids[slot] is not None:
