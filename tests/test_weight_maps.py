@@ -31,10 +31,17 @@ def _weights(dtype=torch.float64):
     return {"row-major": base, "transposed": t, "sliced": wide}
 
 
-@pytest.fixture
-def tiny_blocks(monkeypatch):
-    monkeypatch.setattr(wm, "BLOCK_ELEMENTS", 10)  # 1 row of 7: every row its own block
-    monkeypatch.setattr(wm, "MAX_BLOCK_ELEMENTS", 15)  # 2 rows
+@pytest.fixture(params=["rows", "cols"])
+def tiny_blocks(monkeypatch, request):
+    """Blocks of whole rows (1 or 2 rows of a 13 x 7 weight) or of whole columns (2 or 3 columns)."""
+    if request.param == "rows":
+        monkeypatch.setattr(wm, "BLOCK_ELEMENTS", 10)
+        monkeypatch.setattr(wm, "MAX_BLOCK_ELEMENTS", 15)
+    else:
+        monkeypatch.setattr(wm, "MIN_BLOCK_COLUMNS", 1)
+        monkeypatch.setattr(wm, "BLOCK_ELEMENTS", 30)
+        monkeypatch.setattr(wm, "MAX_BLOCK_ELEMENTS", 40)
+    return request.param
 
 
 @pytest.mark.parametrize("layout", ["row-major", "transposed", "sliced"])

@@ -25,6 +25,8 @@ from ..kernels.xlogx import abs_and_neg_xlogx
 BLOCK_ELEMENTS = 1 << 20
 #: Entries per block for max-times (its kernel is compute-bound; fewer, larger blocks).
 MAX_BLOCK_ELEMENTS = 1 << 21
+#: Narrowest column block (narrower ones would read the weight in tiny pieces; rows are blocked instead).
+MIN_BLOCK_COLUMNS = 64
 
 
 def abs_weight(w: Tensor) -> Tensor:
@@ -40,10 +42,15 @@ def neg_w_log_w(w: Tensor) -> Tensor:
     return -torch.xlogy(aw, aw)
 
 
-def _blocks(n: int, k: int, elements: int):
+def _plan(n: int, k: int, elements: int) -> tuple[str, list[slice]]:
+    """Blocks of about ``elements`` entries of ``w`` [n, k]: whole columns when at least ``MIN_BLOCK_COLUMNS`` fit
+    (each block's product is final: no partial sums, no running max), else whole rows (an LM head: n = 50257)."""
+    cols = elements // max(1, n)
+    if cols >= min(k, MIN_BLOCK_COLUMNS):
+        step = max(1, cols)
+        return "cols", [slice(s, min(k, s + step)) for s in range(0, k, step)]
     step = max(1, elements // max(1, k))
-    for start in range(0, n, step):
-        yield slice(start, min(n, start + step))
+    return "rows", [slice(s, min(n, s + step)) for s in range(0, n, step)]
 
 
 def _contiguous_map(block: Tensor, f) -> Tensor:
@@ -57,8 +64,12 @@ def mapped_mm(a: Tensor, w: Tensor, f) -> Tensor:
     if f is neg_w_log_w:
         return mapped_mm_pair(None, a, w)[1]
     out = a.new_zeros(a.shape[0], w.shape[1])
-    for rows in _blocks(w.shape[0], w.shape[1], BLOCK_ELEMENTS):
-        out.addmm_(a[:, rows], f(w[rows]))
+    by, blocks = _plan(w.shape[0], w.shape[1], BLOCK_ELEMENTS)
+    for b in blocks:
+        if by == "cols":
+            out[:, b] = a @ f(w[:, b])
+        else:
+            out.addmm_(a[:, b], f(w[b]))
     return out
 
 
@@ -67,32 +78,40 @@ def mapped_mm_pair(a_abs: Tensor | None, a_nlogn: Tensor | None, w: Tensor) -> t
     like = a_abs if a_abs is not None else a_nlogn
     out_abs = None if a_abs is None else like.new_zeros(a_abs.shape[0], w.shape[1])
     out_nlogn = None if a_nlogn is None else like.new_zeros(a_nlogn.shape[0], w.shape[1])
-    for rows in _blocks(w.shape[0], w.shape[1], BLOCK_ELEMENTS):
-        if a_nlogn is None:
-            out_abs.addmm_(a_abs[:, rows], w[rows].abs())
-            continue
-        mag, nlogn = abs_and_neg_xlogx(w[rows])
-        if out_abs is not None:
-            out_abs.addmm_(a_abs[:, rows], mag)
-        out_nlogn.addmm_(a_nlogn[:, rows], nlogn)
+    by, blocks = _plan(w.shape[0], w.shape[1], BLOCK_ELEMENTS)
+    for b in blocks:
+        block, rows = (w[:, b], slice(None)) if by == "cols" else (w[b], b)
+        maps = (block.abs(), None) if a_nlogn is None else abs_and_neg_xlogx(block)
+        for out, a, mapped in ((out_abs, a_abs, maps[0]), (out_nlogn, a_nlogn, maps[1])):
+            if out is None:
+                continue
+            if by == "cols":
+                out[:, b] = a @ mapped
+            else:
+                out.addmm_(a[:, rows], mapped)
     return out_abs, out_nlogn
 
 
 def mapped_max_times(a: Tensor, w: Tensor, f, argmax: bool = True) -> tuple[Tensor, Tensor | None]:
-    """``max_c a[r, c] f(w)[c, j]`` and (``argmax``) the winning ``c``; ties: the smallest ``c`` (a later block
-    replaces the running winner only when strictly greater, as inside :func:`~inseq_semiring.kernels.maxtimes.max_times`)."""
-    if w.shape[0] == 0:
-        out = max_times(a, f(w), argmax=argmax)
+    """``max_c a[r, c] f(w)[c, j]`` and (``argmax``) the winning ``c``; ties: the smallest ``c`` (over row blocks a
+    later block replaces the running winner only when strictly greater, as inside the max-times kernel)."""
+    by, blocks = _plan(w.shape[0], w.shape[1], MAX_BLOCK_ELEMENTS)
+    if w.shape[0] == 0 or len(blocks) <= 1:
+        out = max_times(a, _contiguous_map(w, f), argmax=argmax)
         return out if argmax else (out, None)
-    best = index = None
-    for rows in _blocks(w.shape[0], w.shape[1], MAX_BLOCK_ELEMENTS):
-        out = max_times(a[:, rows], _contiguous_map(w[rows], f), argmax=argmax)
-        vals, idx = out if argmax else (out, None)
-        if best is None:
-            best, index = vals, (None if idx is None else idx + rows.start)
+    best = a.new_empty(a.shape[0], w.shape[1])
+    index = torch.empty(best.shape, dtype=torch.long, device=a.device) if argmax else None
+    for k, b in enumerate(blocks):
+        if by == "cols":
+            out = max_times(a, _contiguous_map(w[:, b], f), argmax=argmax)
+            best[:, b], idx = out if argmax else (out, None)
+            if argmax:
+                index[:, b] = idx
             continue
-        better = vals > best
+        out = max_times(a[:, b], _contiguous_map(w[b], f), argmax=argmax)
+        vals, idx = out if argmax else (out, None)
+        better = vals > best if k else torch.ones_like(vals, dtype=torch.bool)
         best = torch.where(better, vals, best)
         if argmax:
-            index = torch.where(better, idx + rows.start, index)
+            index = torch.where(better, idx + b.start, index)
     return best, index
