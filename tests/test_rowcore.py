@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from inseq_semiring.kernels import rowcore as rc
+from inseq_semiring.kernels.extension import CompiledExtension
 from inseq_semiring.kernels.rowcore import active_backend, core_pull_max, core_pull_sum
 
 torch.set_num_threads(1)
@@ -396,8 +397,7 @@ def test_build_failure_warns_once_and_falls_back(monkeypatch):
         raise RuntimeError("Error building extension: no compiler here")
 
     monkeypatch.delenv(rc.NO_EXT_ENV, raising=False)
-    monkeypatch.setattr(rc, "_ext_module", None)
-    monkeypatch.setattr(rc, "_ext_failed", False)
+    monkeypatch.setattr(rc, "EXTENSION", CompiledExtension("rowcore", rc._CPP_SOURCE, rc._EXT_CFLAGS, "layer-norm core"))
     monkeypatch.setattr(cpp_ext, "load_inline", boom)
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
@@ -410,9 +410,8 @@ def test_build_failure_warns_once_and_falls_back(monkeypatch):
     assert torch.allclose(z.double(), zr)
 
 
-def test_build_dir_keyed_by_source(monkeypatch):
-    name, path = rc._ext_build_dir()
+def test_build_dir_keyed_by_source():
+    name, path = rc.EXTENSION.build_dir()
     assert name.startswith("inseq_semiring_rowcore_") and path.name == name
-    monkeypatch.setattr(rc, "_CPP_SOURCE", rc._CPP_SOURCE + "\n// changed\n")
-    name2, _ = rc._ext_build_dir()
-    assert name2 != name
+    changed = CompiledExtension("rowcore", rc._CPP_SOURCE + "\n// changed\n", rc._EXT_CFLAGS, "layer-norm core")
+    assert changed.build_dir()[0] != name

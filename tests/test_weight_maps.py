@@ -148,3 +148,31 @@ def test_a_pull_maps_one_block_at_a_time(monkeypatch):
     sizes.clear()
     isr.semiring_backward(fn, x, "maxpath")
     assert sizes and max(sizes) <= 600
+
+
+def test_xlogx_falls_back_to_torch_with_one_warning(monkeypatch):
+    import torch.utils.cpp_extension as cpp_ext
+    from inseq_semiring.kernels.extension import CompiledExtension
+
+    def boom(**kwargs):
+        raise RuntimeError("Error building extension: no compiler here")
+
+    monkeypatch.delenv("INSEQ_SEMIRING_NO_EXT", raising=False)
+    monkeypatch.setattr(xlogx, "EXTENSION", CompiledExtension("xlogx", "// never built", [], "weight-map"))
+    monkeypatch.setattr(cpp_ext, "load_inline", boom)
+    w = torch.tensor([[0.0, -0.5, 2.0]], dtype=torch.float64)
+    with pytest.warns(RuntimeWarning, match="no compiler here") as caught:
+        a, b = xlogx.abs_and_neg_xlogx(w)
+        xlogx.abs_and_neg_xlogx(w)
+    assert len(caught) == 1 and xlogx.active_backend(w) == "torch"
+    torch.testing.assert_close(b, _nlogn(w), rtol=1e-15, atol=0)
+
+
+def test_no_ext_env_skips_the_build(monkeypatch):
+    from inseq_semiring.kernels.extension import CompiledExtension
+
+    monkeypatch.setenv("INSEQ_SEMIRING_NO_EXT", "1")
+    fresh = CompiledExtension("xlogx", "// never built", [], "weight-map")
+    monkeypatch.setattr(xlogx, "EXTENSION", fresh)
+    assert xlogx.active_backend(torch.ones(2)) == "torch"
+    assert fresh.module is None and not fresh.failed  # not even attempted

@@ -29,8 +29,7 @@ Two backends compute the same thing:
   ``c_ii = (n - 1 - xh_i^2) / n`` is computed in float64 (exactly 0 when ``xh_i^2 == n - 1``).
   Rows whose ``p`` (and ``q``, ``pb``) are all zero are skipped (their outputs are zero; for the
   max variant ``vals = 0`` and ``argi = 0``). Rows are spread over ``at::parallel_for``.
-  It is compiled on first use with :func:`torch.utils.cpp_extension.load_inline` (the build
-  helpers of :mod:`inseq_semiring.kernels.maxtimes` are reused) and cached under
+  It is compiled on first use (:class:`~inseq_semiring.kernels.extension.CompiledExtension`) and cached under
   ``~/.cache/inseq_semiring/ext/inseq_semiring_rowcore_<hash of source, flags, CPU>``.
 * ``"torch"`` -- the pure-PyTorch reference, device-agnostic (CPU, CUDA, ...), any floating
   dtype: it builds ``C`` densely for chunks of rows (one ``[rows, n, n]`` temporary of about
@@ -47,18 +46,13 @@ gives unspecified results. The results are new tensors, not tracked by autograd.
 from __future__ import annotations
 
 import functools
-import hashlib
 import math
-import platform
-import threading
-import time
-import warnings
-from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from .maxtimes import NO_EXT_ENV, _cpu_model, _env_no_ext, _short_reason
+from .extension import CompiledExtension
+from .maxtimes import NO_EXT_ENV, _env_no_ext
 from .vecmath import VECMATH_CPP
 
 __all__ = ["core_pull_sum", "core_pull_max", "active_backend", "extension_build_seconds", "NO_EXT_ENV"]
@@ -415,54 +409,12 @@ _CPP_SOURCE = _CPP_KERNELS + _CPP_BINDINGS
 # and the max kernel's strict compares implement the tie rule.
 _EXT_CFLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=fast"]
 
-_ext_lock = threading.Lock()
-_ext_module = None
-_ext_failed = False
-_ext_build_seconds: float | None = None
-
-
-def _ext_build_dir() -> tuple[str, Path]:
-    key = "\n".join(
-        [_CPP_SOURCE, " ".join(_EXT_CFLAGS), torch.__version__, platform.python_version(), platform.machine(), _cpu_model()]
-    )
-    name = f"inseq_semiring_rowcore_{hashlib.sha256(key.encode()).hexdigest()[:16]}"
-    return name, Path.home() / ".cache" / "inseq_semiring" / "ext" / name
+EXTENSION = CompiledExtension("rowcore", _CPP_SOURCE, _EXT_CFLAGS, "layer-norm core")
 
 
 def _load_ext():
-    """Build (first call) or load (later calls) the C++ extension; None if unavailable."""
-    global _ext_module, _ext_failed, _ext_build_seconds
-    if _ext_module is not None or _ext_failed:
-        return _ext_module
-    with _ext_lock:
-        if _ext_module is not None or _ext_failed:
-            return _ext_module
-        t0 = time.perf_counter()
-        try:
-            from torch.utils.cpp_extension import load_inline
-
-            name, build_dir = _ext_build_dir()
-            build_dir.mkdir(parents=True, exist_ok=True)
-            _ext_module = load_inline(
-                name=name,
-                cpp_sources=[_CPP_SOURCE],
-                extra_cflags=list(_EXT_CFLAGS),
-                build_directory=str(build_dir),
-                verbose=False,
-            )
-        except Exception as exc:  # no compiler, no ninja, compile error, ...
-            _ext_failed = True
-            warnings.warn(
-                "inseq_semiring: could not build the C++ layer-norm core kernel "
-                f"({_short_reason(exc)}); core_pull_sum/core_pull_max fall back to the slower pure-PyTorch "
-                f"implementation for the rest of this process. Set {NO_EXT_ENV}=1 to skip the build attempt "
-                "(it needs a C++ compiler and ninja).",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-            return None
-        _ext_build_seconds = time.perf_counter() - t0
-        return _ext_module
+    """The compiled module (built on first use), or None if unavailable."""
+    return EXTENSION.load()
 
 
 def active_backend(device: str | torch.device = "cpu", *, build: bool = True) -> str:
@@ -473,14 +425,13 @@ def active_backend(device: str | torch.device = "cpu", *, build: bool = True) ->
     """
     if torch.device(device).type != "cpu" or _env_no_ext():
         return "torch"
-    if _ext_module is None and build:
-        _load_ext()
-    return "cpp" if _ext_module is not None else "torch"
+    ext = _load_ext() if build else EXTENSION.module
+    return "cpp" if ext is not None else "torch"
 
 
 def extension_build_seconds() -> float | None:
     """Seconds the first extension load of this process took (a compile, or a cache load)."""
-    return _ext_build_seconds
+    return EXTENSION.build_seconds
 
 
 # ------------------------------------------------------------------------------------------
