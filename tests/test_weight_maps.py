@@ -38,6 +38,7 @@ def tiny_blocks(monkeypatch, request):
         monkeypatch.setattr(wm, "BLOCK_ELEMENTS", 10)
         monkeypatch.setattr(wm, "MAX_BLOCK_ELEMENTS", 15)
     else:
+        monkeypatch.setattr(wm, "MIN_BLOCK_ROWS", 10**9)
         monkeypatch.setattr(wm, "MIN_BLOCK_COLUMNS", 1)
         monkeypatch.setattr(wm, "BLOCK_ELEMENTS", 30)
         monkeypatch.setattr(wm, "MAX_BLOCK_ELEMENTS", 40)
