@@ -5,7 +5,7 @@ Two backends give the same numbers up to the last bit or two of the log:
 
 * ``"cpp"`` (CPU float32/float64): one pass, the vector log of :mod:`~inseq_semiring.kernels.vecmath` (~1 ulp),
   ``0`` mapped to exactly ``0``; subnormal ``|w|`` (outside that log's range) are redone with ``std::log``. About
-  6x faster than the PyTorch chain ``abs, clamp, log, mul``, which made the map cost as much as the products.
+  4x faster than the PyTorch chain ``abs, clamp, log, mul`` (measured on a 3072 x 768 float32 weight).
 * ``"torch"`` (any device/dtype): ``-|w| log(max(|w|, s))`` with ``s`` the dtype's smallest positive subnormal,
   exact for every ``|w| > 0`` and exactly 0 at ``w = 0``.
 """
