@@ -6,8 +6,9 @@ leaky ReLU (slope 0.01); Adam (lr 1e-3), batch 32, one epoch on the training spl
 
 Entropy, at the end of training: root = the batch-mean cross-entropy of a fixed batch of ``B = 32`` held-out
 (test-split) rows, inputs = that ``[B, 4]`` batch, one ``"entropy"`` sweep. The loss is written as
-``-log_softmax(z).gather(y).mean()`` — the same function as ``F.cross_entropy`` (the engine has no rule for
-``aten.nll_loss_forward``); its graph is addmm -> leaky_relu -> addmm -> log_softmax -> gather -> mean.
+``-log_softmax(z).gather(y).mean()`` — the same function and the same path products as ``F.cross_entropy``
+(``tests/test_losses.py`` checks that equivalence); its graph is addmm -> leaky_relu -> addmm -> log_softmax ->
+gather -> mean.
 
 Per feature ``j`` we report two numbers:
 

@@ -45,7 +45,9 @@ class Pointwise:
 class Reduction:
     """``x_j`` feeds exactly one output, ``y_{r(j)}``, with weight ``weight_j`` (``sum``/``mean`` over ``dims``).
 
-    ``weight`` broadcasts to ``in_shape``; ``dims`` are non-negative and sorted.
+    ``weight`` broadcasts to ``in_shape``; ``dims`` are non-negative and sorted. ``support`` (bool, optional): only
+    these ``x_j`` are edges (e.g. the target entries a loss reads); elsewhere ``weight`` must be 0, which is all the
+    additive semirings need, while the signed max semiring tells "no edge" from "an edge of weight 0".
     """
 
     weight: Tensor
@@ -53,9 +55,10 @@ class Reduction:
     keepdim: bool
     in_shape: torch.Size
     out_shape: torch.Size
+    support: Tensor | None = None
 
     def map_weights(self, f: Callable[[Tensor], Tensor]) -> "Reduction":
-        return Reduction(f(self.weight), self.dims, self.keepdim, self.in_shape, self.out_shape)
+        return replace(self, weight=f(self.weight))
 
     def expand_out(self, a: Tensor) -> Tensor:
         """View an output-shaped tensor as input-shaped (each input element sees its one output)."""

@@ -1,7 +1,8 @@
 """Reductions: every input element feeds exactly one output element (:class:`Reduction`).
 
 ``sum``: weight 1; ``mean``: ``1/N``; ``amax``/``amin``: weight ``1/t`` on each of the ``t`` tied extreme elements
-and 0 elsewhere (as autograd distributes it); ``max.dim``/``min.dim``: weight 1 on the returned index.
+and 0 elsewhere (as autograd distributes it); ``max.dim``/``min.dim``: weight 1 on the returned index;
+``nll_loss_forward`` (``F.cross_entropy`` / ``F.nll_loss`` as the root): only the target entries are edges.
 """
 
 from __future__ import annotations
@@ -77,3 +78,32 @@ def max_dim(rec: OpRecord):
     index = rec.outputs[1] if keepdim else rec.outputs[1].unsqueeze(dim[0])
     w = torch.zeros_like(x).scatter_(dim[0], index, 1.0)
     return _reduction(rec, dim, keepdim, w)
+
+
+@rule(aten.nll_loss_forward.default)
+def nll_loss(rec: OpRecord):
+    """``nll_loss(x, t, w, reduction, ignore)``: ``out_i = -w[t_i] x[i, t_i]`` per row (``reduction`` 0), summed (2), or
+    summed and divided by ``sum_i w[t_i]`` (1, mean); rows with ``t_i == ignore`` have no edge. ``x``: [N, C] or [C]."""
+    if not rec.is_node(0):
+        return []
+    x, target, out = rec.leaves[0], rec.args[1], rec.outputs[0]
+    class_weight = _arg(rec, 2, "weight", None)
+    reduction, ignore = int(_arg(rec, 3, "reduction", 1)), int(_arg(rec, 4, "ignore_index", -100))
+    x2 = x.reshape(1, -1) if x.dim() == 1 else x
+    t = target.reshape(-1).to(torch.long)
+    keep = t != ignore
+    t_safe = torch.where(keep, t, torch.zeros_like(t))
+    w_row = torch.ones(t.shape, dtype=torch.float64, device=x.device)
+    if class_weight is not None:
+        w_row = class_weight.to(torch.float64)[t_safe]
+    w_row = torch.where(keep, w_row, torch.zeros_like(w_row))
+    if reduction == 1:
+        w_row = w_row / w_row.sum()
+    support = torch.zeros(x2.shape, dtype=torch.bool, device=x.device)
+    rows = torch.arange(x2.shape[0], device=x.device)
+    support[rows[keep], t_safe[keep]] = True
+    weight = torch.zeros(x2.shape, dtype=torch.float64, device=x.device)
+    weight[rows, t_safe] = torch.where(keep, -w_row, torch.zeros_like(w_row))
+    dims = (x.dim() - 1,) if reduction == 0 and x.dim() == 2 else tuple(range(x.dim()))
+    kind = Reduction(weight.reshape(x.shape).to(out.dtype), dims, False, x.shape, out.shape, support.reshape(x.shape))
+    return [Edge(0, 0, kind)]

@@ -203,6 +203,9 @@ def _signed_pull(kind, hi: Tensor, lo: Tensor):
         return h, hi_idx, l, lo_idx
     if isinstance(kind, Reduction):
         ch, cl = _candidates(kind.expand_out(hi), kind.expand_out(lo), kind.weight)
+        if kind.support is not None:  # no edge: no candidate (not a candidate 0)
+            ch = ch.masked_fill(~kind.support, float("-inf"))
+            cl = cl.masked_fill(~kind.support, float("inf"))
         idx = kind.out_index().to(hi.device)
         return ch, idx, cl, idx
     if isinstance(kind, IndexMap):
