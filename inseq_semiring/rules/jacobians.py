@@ -82,7 +82,7 @@ class IndexMap:
     A reshape (``identity``: ``y.flatten() == x.flatten()``) carries no index tensor (:meth:`reshape`), only its
     output shape: its pulls are reshapes, and an int64 ``arange`` of a logits-sized view would cost twice the view."""
 
-    index: Tensor | None  # int64, out_shape; None for an identity map (see :meth:`indices`)
+    index: Tensor | None  # int64, out_shape; None for an identity map (its pulls are reshapes)
     in_shape: torch.Size
     weight: float = 1.0  # 1 for the structural edge; a semiring may map it (e.g. -1 log 1 = 0)
     injective: bool = False  # each input element feeds at most one output element (no fan-out inside the op)
@@ -96,12 +96,6 @@ class IndexMap:
     @property
     def out_shape(self) -> torch.Size:
         return self.index.shape if self.index is not None else self.shape
-
-    def indices(self, device=None) -> Tensor:
-        """``index``, built on demand for an identity map."""
-        if self.index is not None:
-            return self.index
-        return torch.arange(_numel(self.shape), device=device).reshape(self.shape)
 
     def map_weights(self, f: Callable[[Tensor], Tensor]) -> "IndexMap":
         w = float(f(torch.tensor(self.weight, dtype=torch.float64)))

@@ -86,7 +86,7 @@ def nll_loss(rec: OpRecord):
     summed and divided by ``sum_i w[t_i]`` (1, mean); rows with ``t_i == ignore`` have no edge. ``x``: [N, C] or [C]."""
     if not rec.is_node(0):
         return []
-    x, target, out = rec.leaves[0], rec.args[1], rec.outputs[0]
+    x, target, out = rec.leaves[0], _arg(rec, 1, "target", None), rec.outputs[0]
     class_weight = _arg(rec, 2, "weight", None)
     reduction, ignore = int(_arg(rec, 3, "reduction", 1)), int(_arg(rec, 4, "ignore_index", -100))
     x2 = x.reshape(1, -1) if x.dim() == 1 else x

@@ -103,16 +103,17 @@ def mapped_max_times(a: Tensor, w: Tensor, f, argmax: bool = True) -> tuple[Tens
         return out if argmax else (out, None)
     best = a.new_empty(a.shape[0], w.shape[1])
     index = torch.empty(best.shape, dtype=torch.long, device=a.device) if argmax else None
-    for k, b in enumerate(blocks):
-        if by == "cols":
+    for i, b in enumerate(blocks):
+        if by == "cols":  # each block gives its columns' final values
             out = max_times(a, _contiguous_map(w[:, b], f), argmax=argmax)
-            best[:, b], idx = out if argmax else (out, None)
+            vals, idx = out if argmax else (out, None)
+            best[:, b] = vals
             if argmax:
                 index[:, b] = idx
             continue
         out = max_times(a[:, b], _contiguous_map(w[b], f), argmax=argmax)
         vals, idx = out if argmax else (out, None)
-        better = vals > best if k else torch.ones_like(vals, dtype=torch.bool)
+        better = vals > best if i else torch.ones_like(vals, dtype=torch.bool)
         best = torch.where(better, vals, best)
         if argmax:
             index = torch.where(better, idx + b.start, index)
