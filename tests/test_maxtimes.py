@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from inseq_semiring.kernels import maxtimes as mt
+from inseq_semiring.kernels.extension import CompiledExtension
 from inseq_semiring.kernels.maxtimes import active_backend, max_times, min_times
 
 torch.set_num_threads(1)
@@ -686,8 +687,7 @@ def test_build_failure_warns_once_and_falls_back(monkeypatch):
         raise RuntimeError("Error building extension: no compiler here")
 
     monkeypatch.delenv(mt.NO_EXT_ENV, raising=False)
-    monkeypatch.setattr(mt, "_ext_module", None)
-    monkeypatch.setattr(mt, "_ext_failed", False)
+    monkeypatch.setattr(mt, "EXTENSION", CompiledExtension("maxtimes", mt._CPP_SOURCE, mt._EXT_CFLAGS, "max-times"))
     monkeypatch.setattr(cpp_ext, "load_inline", broken)
     a, b = torch.randn(5, 6), torch.randn(6, 7)
     with warnings.catch_warnings(record=True) as rec:
@@ -702,11 +702,12 @@ def test_build_failure_warns_once_and_falls_back(monkeypatch):
     assert torch.equal(out1, ref_max(a, b)) and torch.equal(out2, ref_max(a, b))
 
 
-def test_build_dir_keyed_by_source(monkeypatch):
-    name, path = mt._ext_build_dir()
+def test_build_dir_keyed_by_source():
+    name, path = mt.EXTENSION.build_dir()
     assert path.parent.parts[-3:] == (".cache", "inseq_semiring", "ext") and path.name == name
-    monkeypatch.setattr(mt, "_CPP_SOURCE", mt._CPP_SOURCE + "\n// changed\n")
-    name2, path2 = mt._ext_build_dir()
+    assert name.startswith("inseq_semiring_maxtimes_")
+    changed = CompiledExtension("maxtimes", mt._CPP_SOURCE + "\n// changed\n", mt._EXT_CFLAGS, "max-times")
+    name2, path2 = changed.build_dir()
     assert name2 != name and path2 != path
 
 

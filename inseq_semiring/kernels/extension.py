@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import platform
 import threading
 import time
@@ -11,7 +12,37 @@ from pathlib import Path
 
 import torch
 
-from .maxtimes import NO_EXT_ENV, _cpu_model, _env_no_ext, _short_reason
+#: Set to 1 to skip every C++ build and use the PyTorch code paths.
+NO_EXT_ENV = "INSEQ_SEMIRING_NO_EXT"
+
+
+def _env_no_ext() -> bool:
+    return os.environ.get(NO_EXT_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _cpu_model() -> str:
+    # -march=native code must not be reused on another CPU sharing the same home directory.
+    seen: dict[str, str] = {}
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                key = line.split(":", 1)[0].strip()
+                if key in ("model name", "flags", "Features", "CPU part") and key not in seen:
+                    seen[key] = line.strip()
+    except OSError:
+        pass
+    return "\n".join(seen.values()) or platform.processor()
+
+
+def _short_reason(exc: BaseException) -> str:
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    # the compiler's own complaint beats ninja's echo of the (long) command line
+    keys = ("error:", "not found", "no such file", "required", "error")
+    pick = next(
+        (ln for key in keys for ln in reversed(lines) if key in ln.lower() and len(ln) < 400),
+        lines[0] if lines else repr(exc),
+    )
+    return f"{type(exc).__name__}: {pick[:300]}"
 
 
 class CompiledExtension:
@@ -33,7 +64,8 @@ class CompiledExtension:
         name = f"inseq_semiring_{self.name}_{hashlib.sha256(key.encode()).hexdigest()[:16]}"
         return name, Path.home() / ".cache" / "inseq_semiring" / "ext" / name
 
-    def load(self):
+    def load(self, stacklevel: int = 2):
+        """``stacklevel``: frames from this method to the user code, for the one-time warning."""
         if self.module is not None or self.failed or _env_no_ext():
             return self.module
         with self._lock:
@@ -52,7 +84,7 @@ class CompiledExtension:
                 warnings.warn(f"inseq_semiring: could not build the C++ {self.what} kernel ({_short_reason(exc)}); "
                               "using the slower pure-PyTorch code for the rest of this process. Set "
                               f"{NO_EXT_ENV}=1 to skip the build attempt (it needs a C++ compiler and ninja).",
-                              RuntimeWarning, stacklevel=3)
+                              RuntimeWarning, stacklevel=stacklevel + 1)
                 return None
             self.build_seconds = time.perf_counter() - t0
             return self.module

@@ -48,21 +48,17 @@ Semantics shared by all backends (and checked by ``tests/test_maxtimes.py``):
 
 from __future__ import annotations
 
-import hashlib
-import os
-import platform
 import threading
-import time
 import warnings
-from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from .extension import NO_EXT_ENV, CompiledExtension, _env_no_ext, _short_reason  # noqa: F401  (NO_EXT_ENV re-exported)
+
 __all__ = ["max_times", "min_times", "active_backend", "extension_build_seconds", "NO_EXT_ENV"]
 
 #: Environment variable that, when set to ``1`` (or ``true``/``yes``), forces the torch backend.
-NO_EXT_ENV = "INSEQ_SEMIRING_NO_EXT"
 
 #: Upper bound on the size of one temporary of the torch backend (bytes).
 _TORCH_CHUNK_BYTES = 64 << 20
@@ -407,96 +403,16 @@ _EXT_CFLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math"]
 # No -ffast-math: it would let the compiler assume there are no NaN/inf (breaking the NaN
 # bookkeeping) and rewrite the strict ``>`` compare that implements the tie rule.
 
-_ext_lock = threading.Lock()
-_ext_module = None  # the compiled module once built
-_ext_failed = False  # the build was tried and failed (warned once)
-_ext_build_seconds: float | None = None
+EXTENSION = CompiledExtension("maxtimes", _CPP_SOURCE, _EXT_CFLAGS, "max-times")
+_ext_lock = threading.Lock()  # guards the Triton import
 _triton_module = None  # inseq_semiring.kernels.maxtimes_triton once imported
 _triton_failed = False  # its import or a kernel compilation failed (warned once)
 
 
-def _env_no_ext() -> bool:
-    return os.environ.get(NO_EXT_ENV, "").strip().lower() in ("1", "true", "yes", "on")
-
-
-def _ext_build_dir() -> tuple[str, Path]:
-    key = "\n".join(
-        [
-            _CPP_SOURCE,
-            " ".join(_EXT_CFLAGS),
-            torch.__version__,
-            platform.python_version(),
-            platform.machine(),
-            _cpu_model(),
-        ]
-    )
-    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-    name = f"inseq_semiring_maxtimes_{digest}"
-    return name, Path.home() / ".cache" / "inseq_semiring" / "ext" / name
-
-
-def _cpu_model() -> str:
-    # -march=native code must not be reused on another CPU sharing the same home directory.
-    seen: dict[str, str] = {}
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                key = line.split(":", 1)[0].strip()
-                if key in ("model name", "flags", "Features", "CPU part") and key not in seen:
-                    seen[key] = line.strip()
-    except OSError:
-        pass
-    return "\n".join(seen.values()) or platform.processor()
-
-
-def _short_reason(exc: BaseException) -> str:
-    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    # the compiler's own complaint beats ninja's echo of the (long) command line
-    keys = ("error:", "not found", "no such file", "required", "error")
-    pick = next(
-        (ln for key in keys for ln in reversed(lines) if key in ln.lower() and len(ln) < 400),
-        lines[0] if lines else repr(exc),
-    )
-    return f"{type(exc).__name__}: {pick[:300]}"
-
-
 def _load_ext(stacklevel: int = 2):
-    """Build (first call) or load (later calls) the C++ extension; None if unavailable.
-
-    ``stacklevel`` (for the one-time warning) counts frames from this function to the user code.
-    """
-    global _ext_module, _ext_failed, _ext_build_seconds
-    if _ext_module is not None or _ext_failed:
-        return _ext_module
-    with _ext_lock:
-        if _ext_module is not None or _ext_failed:
-            return _ext_module
-        t0 = time.perf_counter()
-        try:
-            from torch.utils.cpp_extension import load_inline
-
-            name, build_dir = _ext_build_dir()
-            build_dir.mkdir(parents=True, exist_ok=True)
-            _ext_module = load_inline(
-                name=name,
-                cpp_sources=[_CPP_SOURCE],
-                extra_cflags=list(_EXT_CFLAGS),
-                build_directory=str(build_dir),
-                verbose=False,
-            )
-        except Exception as exc:  # no compiler, no ninja, compile error, ...
-            _ext_failed = True
-            warnings.warn(
-                "inseq_semiring: could not build the C++ max-times kernel "
-                f"({_short_reason(exc)}); max_times/min_times fall back to the slower pure-PyTorch "
-                f"implementation for the rest of this process. Set {NO_EXT_ENV}=1 to skip the "
-                "build attempt (it needs a C++ compiler and ninja).",
-                RuntimeWarning,
-                stacklevel=stacklevel,
-            )
-            return None
-        _ext_build_seconds = time.perf_counter() - t0
-        return _ext_module
+    """The compiled module (built on first use), or None if unavailable; ``stacklevel`` (for the one-time warning)
+    counts frames from this function to the user code."""
+    return EXTENSION.load(stacklevel + 1)
 
 
 def _load_triton(stacklevel: int = 2):
@@ -559,14 +475,13 @@ def active_backend(device: str | torch.device = "cpu", *, build: bool = True) ->
         return "triton" if _triton_module is not None and not _triton_failed else "torch"
     if dev.type != "cpu":
         return "torch"
-    if _ext_module is None and build:
-        _load_ext(stacklevel=3)
-    return "cpp" if _ext_module is not None else "torch"
+    ext = _load_ext(stacklevel=3) if build else EXTENSION.module
+    return "cpp" if ext is not None else "torch"
 
 
 def extension_build_seconds() -> float | None:
     """Seconds the first :func:`_load_ext` call of this process took (compile or cache load)."""
-    return _ext_build_seconds
+    return EXTENSION.build_seconds
 
 
 # ------------------------------------------------------------------------------------------
