@@ -19,6 +19,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from . import rules as _rules  # noqa: F401  (fills the rule table)
+from .decompositions import Decomposition, resolve
 from .errors import InvalidInputError
 from .graph.model_state import attribution_mode
 from .graph.recorder import record
@@ -101,18 +102,26 @@ def run(
     model: torch.nn.Module | None = None,
     rules: RuleSet = DEFAULT_RULES,
     tape: Tape | None = None,
+    decomposition: str | Decomposition | None = None,
 ) -> SemiringResult:
     """Record ``fn(*inputs)`` (or reuse ``tape``) and sweep it once with the named semiring.
 
     ``model`` (optional): recorded module paths use its module names, and while recording it is put in eval mode
     with eager attention (restored afterwards, also on error). ``backpointers``: keep every node's value and
-    back-pointers in ``result.trail`` (maxpath) for :mod:`~inseq_semiring.paths`.
+    back-pointers in ``result.trail`` (maxpath) for :mod:`~inseq_semiring.paths`. ``decomposition``: how composite
+    operators are split into the graph's operators (``"aten"``, the default; ``"paper"``: Du et al.'s library;
+    ``"primitive"``; see :mod:`~inseq_semiring.decompositions`). It changes flow, entropy and tensor-granularity
+    maxpath, never the gradient.
     """
     ring = make_semiring(semiring, sign=sign, granularity=granularity, backpointers=backpointers)
     inputs = _check_inputs(inputs)
     if tape is None:
         with attribution_mode(model):
-            tape = record(fn, inputs, model=model, rules=rules)
+            tape = record(fn, inputs, model=model, rules=rules, decomposition=decomposition)
+    elif decomposition is not None and resolve(decomposition).name != tape.decomposition:
+        raise InvalidInputError(f"the given tape was recorded with decomposition {tape.decomposition!r}, not "
+                                f"{resolve(decomposition).name!r}", where="run(tape=...)",
+                                fix="record a new tape (pass tape=None) or leave decomposition out")
     _check_root(tape)
     trail: dict[int, Any] = {}
     keep = trail.__setitem__ if backpointers else None
@@ -130,6 +139,8 @@ def semiring_backward(
     *,
     sign: str = "abs",
     granularity: str = "scalar",
+    decomposition: str | Decomposition | None = None,
 ) -> tuple[torch.Tensor, ...]:
-    """One reverse sweep of ``semiring`` from the root ``fn(*inputs)``; one tensor per input, shaped like it."""
-    return run(fn, inputs, semiring, sign=sign, granularity=granularity).values
+    """One reverse sweep of ``semiring`` from the root ``fn(*inputs)``; one tensor per input, shaped like it.
+    ``decomposition``: see :func:`run`."""
+    return run(fn, inputs, semiring, sign=sign, granularity=granularity, decomposition=decomposition).values

@@ -3,6 +3,8 @@
 A private :class:`~torch.utils._python_dispatch.TorchDispatchMode` sees every ATen call below autograd. A call
 is recorded when one of its tensor arguments is a node; its floating outputs then become nodes with fresh ids.
 Module paths come from a stack kept by global forward hooks (removed on exit).
+An operator listed in the call's :class:`~inseq_semiring.decompositions.Decomposition` is not run as itself when
+it reads a node: its decomposition runs inside the recorder, which records the smaller operators it calls.
 In-place operators are recorded functionally: the written tensor gets a new id, and every earlier record that
 saved that tensor object is given a snapshot of its value before the write.
 """
@@ -17,6 +19,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from ..decompositions import Decomposition, resolve
 from ..errors import UnsupportedModelError
 from ..rules.registry import DEFAULT_RULES, RuleSet
 from .tape import OpRecord, Tape
@@ -33,9 +36,11 @@ def _is_floating(t) -> bool:
 
 
 class _RecordingMode(TorchDispatchMode):
-    def __init__(self, rules: RuleSet, names: dict[int, str]):
+    def __init__(self, rules: RuleSet, names: dict[int, str], decomposition: Decomposition):
         super().__init__()
         self.rules = rules
+        self.decomposition = decomposition
+        self.within: list = []  # the decomposed operators being expanded (outermost first)
         self.names = names
         self.stack: list[str] = []
         self.records: list[OpRecord] = []
@@ -80,6 +85,15 @@ class _RecordingMode(TorchDispatchMode):
                 self.ids.pop(id(leaves[pos]), None)
             return func(*args, **kwargs)
 
+        decompose = self.decomposition.lookup(func)
+        if decompose is not None and not written:
+            self.within.append(func)
+            try:
+                with self:
+                    return decompose(*args, **kwargs)
+            finally:
+                self.within.pop()
+
         module = self.stack[-1] if self.stack else ""
         where = f"module '{module or '<top level>'}', operator {func}"
         saved_leaves = list(leaves)
@@ -110,6 +124,7 @@ class _RecordingMode(TorchDispatchMode):
         rec = OpRecord(
             index=len(self.records), op=func, args=args, kwargs=kwargs, leaves=saved_leaves,
             leaf_ids=tuple(leaf_ids), outputs=list(out_leaves), output_ids=tuple(out_ids), module_path=module,
+            decomposed_from=self.within[0] if self.within else None,
         )
         for pos in range(len(saved_leaves)):
             self._remember(rec.leaves, pos)
@@ -157,8 +172,10 @@ def record(
     *,
     model: torch.nn.Module | None = None,
     rules: RuleSet = DEFAULT_RULES,
+    decomposition: "str | Decomposition | None" = None,
 ) -> Tape:
-    """Run ``fn(*inputs)`` once, without autograd, and return its :class:`Tape`.
+    """Run ``fn(*inputs)`` once, without autograd, and return its :class:`Tape`. ``decomposition``: a name in
+    :data:`~inseq_semiring.decompositions.DECOMPOSITIONS` or a table (default ``"aten"``).
 
     Raises :class:`~inseq_semiring.errors.UnsupportedOpError` listing every operator without a rule.
     """
@@ -166,7 +183,8 @@ def record(
     if model is not None:
         names = {id(m): name for name, m in model.named_modules()}
         names[id(model)] = ""
-    mode = _RecordingMode(rules, names)
+    decomposition = resolve(decomposition)
+    mode = _RecordingMode(rules, names, decomposition)
     input_ids = []
     for t in inputs:
         input_ids.append(mode.track(t))
@@ -176,7 +194,7 @@ def record(
         raise TypeError(f"fn must return a tensor (the root), got {type(root).__name__}")
     root_id = mode.node_id(root)
     tape = Tape(records=mode.records, input_ids=tuple(input_ids), root_id=root_id, root=root,
-                model_class=type(model).__name__ if model is not None else "")
+                model_class=type(model).__name__ if model is not None else "", decomposition=decomposition.name)
     for rec in tape.records:  # freeze the holders (lists were kept mutable for snapshots)
         object.__setattr__(rec, "leaves", tuple(rec.leaves))
         object.__setattr__(rec, "outputs", tuple(rec.outputs))

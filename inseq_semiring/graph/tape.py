@@ -22,6 +22,7 @@ class OpRecord:
     ``leaves`` are the flattened ``(args, kwargs)`` as seen by the kernel (tensor values at call time; for in-place
     operators the value *before* the write); ``leaf_ids[i]`` is the node id of leaf ``i`` or ``None`` for constants
     and non-tensors. ``outputs`` are the flattened outputs, ``output_ids`` their node ids (``None``: not a node).
+    ``decomposed_from``: the composite operator this one was recorded for, when a decomposition split it.
     """
 
     index: int
@@ -33,6 +34,7 @@ class OpRecord:
     outputs: tuple
     output_ids: tuple
     module_path: str
+    decomposed_from: torch._ops.OpOverload | None = None
 
     def is_node(self, leaf: int) -> bool:
         return self.leaf_ids[leaf] is not None
@@ -51,6 +53,7 @@ class Tape:
     root_id: int | None = None
     root: torch.Tensor | None = None
     model_class: str = ""
+    decomposition: str = "aten"  # the name of the decomposition it was recorded under
 
     def producers(self) -> dict[int, tuple[OpRecord, int]]:
         """Node id -> (record that produced it, output slot)."""
