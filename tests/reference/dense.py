@@ -174,9 +174,11 @@ def local_blocks(rec: OpRecord, live: set[int] | None = None) -> list[Block]:
     return blocks
 
 
-def dense_graph(fn: Callable[..., torch.Tensor], inputs: Sequence[torch.Tensor], model=None) -> DenseGraph:
-    """Record ``fn(*inputs)`` and build every local Jacobian block (only records that lie on a path to the root)."""
-    tape = record(fn, tuple(inputs), model=model)
+def dense_graph(fn: Callable[..., torch.Tensor], inputs: Sequence[torch.Tensor], model=None,
+                decomposition=None) -> DenseGraph:
+    """Record ``fn(*inputs)`` and build every local Jacobian block (only records that lie on a path to the root).
+    ``decomposition``: passed to the recorder (the blocks come from re-running whatever ATen operators it recorded)."""
+    tape = record(fn, tuple(inputs), model=model, decomposition=decomposition)
     # records whose outputs reach the root (reverse reachability over tensor ids)
     live = {tape.root_id}
     keep = []
