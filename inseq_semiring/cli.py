@@ -1,12 +1,13 @@
 """``inseq-semiring``: command line front end.
 
-``inseq-semiring attribute [-m MODEL] [-a METHOD] [-i TEXT] [-t TARGET] [--sign ...] [--granularity ...]``
+``inseq-semiring attribute [-m MODEL] [-a METHOD] [-i TEXT] [-t TARGET] [--sign ...] [--granularity ...]
+[--decomposition aten|paper|primitive]``
     Attributes the generated ``TARGET`` (default ``" are"``) after ``TEXT`` (default ``"The keys to the cabinet"``)
     with a semiring method (default ``semiring_maxpath``) on ``MODEL`` (default ``smollm2``: the embedded
     SmolLM2-135M-Instruct; otherwise any Hugging Face model name or folder, decoder-only or encoder-decoder) and
     prints one score per input token and generated token, the whole-graph path entropy and the top path value.
 
-``inseq-semiring paths [-m MODEL] [-i TEXT] [-t TARGET] [-k 3] [--sign abs] [--full] [--png FILE]``
+``inseq-semiring paths [-m MODEL] [-i TEXT] [-t TARGET] [-k 3] [--sign abs] [--decomposition D] [--full] [--png FILE]``
     Decodes the best gradient paths into the first target token, labelled by component (embedding, layer k
     attention query/key/value/output, MLP, norm, LM head), prints them and optionally draws the top one.
 
@@ -219,7 +220,8 @@ def _print_top_path(ctx: AttributeContext) -> None:
     am = ctx.attribution_model
     target = ctx.generated_text if am.is_encoder_decoder else ctx.generated_text[len(ctx.input_text):]
     sign = ctx.options.get("sign", "abs") if ctx.method == "semiring_maxpath" else "abs"
-    found = find_top_paths(am.model, am.tokenizer, ctx.input_text, target, k=1, sign=sign)
+    found = find_top_paths(am.model, am.tokenizer, ctx.input_text, target, k=1, sign=sign,
+                           decomposition=ctx.options.get("decomposition"))
     print(f"top path ({sign}) into log p(first generated token):", file=ctx.stream)
     print(found.to_text(), file=ctx.stream)
     if "prob" in str(ctx.output.info.get("attributed_fn", "probability")):
@@ -232,12 +234,16 @@ def _cmd_paths(args: argparse.Namespace) -> int:
     from .model_paths import find_top_paths
 
     _check_texts(None, args.input, args.target)
+    from .decompositions import resolve
+
+    resolve(args.decomposition)  # fail before the (slow) model load
     t0 = time.perf_counter()
     _say(f"loading model {args.model} ...")
     am = _load_attribution_model(args.model, "semiring_maxpath", {})
     _check_texts(am, args.input, args.target)
     _say(f"model ready ({time.perf_counter() - t0:.1f} s); decoding the top {args.k} path(s) ...")
-    found = find_top_paths(am.model, am.tokenizer, args.input, args.target, k=args.k, sign=args.sign)
+    found = find_top_paths(am.model, am.tokenizer, args.input, args.target, k=args.k, sign=args.sign,
+                           decomposition=args.decomposition)
     print(found.to_text(full=args.full))
     if args.png:
         from .viz import save
@@ -248,7 +254,8 @@ def _cmd_paths(args: argparse.Namespace) -> int:
 
 
 def _cmd_attribute(args: argparse.Namespace) -> int:
-    options = {k: v for k, v in (("sign", args.sign), ("granularity", args.granularity)) if v is not None}
+    options = {k: v for k, v in (("sign", args.sign), ("granularity", args.granularity),
+                                 ("decomposition", args.decomposition)) if v is not None}
     _check_texts(None, args.input, args.target)
     from .integrations.inseq import register
 
@@ -344,6 +351,8 @@ def build_parser() -> argparse.ArgumentParser:
                           f"(default: {DEFAULT_TARGET!r})")
     att.add_argument("--sign", default=None, help="maxpath option: abs (default), positive or negative")
     att.add_argument("--granularity", default=None, help="maxpath option: scalar (default) or tensor")
+    att.add_argument("--decomposition", default=None,
+                     help="operator graph: aten (default), paper (Du et al.'s library) or primitive")
     att.add_argument("--attribute-target", action="store_true",
                      help="encoder-decoder models: also attribute the target prefix")
     att.add_argument("--no-step-scores", action="store_true", help="skip the whole-graph entropy and top path")
@@ -357,6 +366,8 @@ def build_parser() -> argparse.ArgumentParser:
     pth.add_argument("-t", "--target", default=DEFAULT_TARGET, help=f"target text (default: {DEFAULT_TARGET!r})")
     pth.add_argument("-k", type=int, default=3, help="number of paths (default 3)")
     pth.add_argument("--sign", default="abs", choices=("abs", "positive", "negative"), help="maxpath sign")
+    pth.add_argument("--decomposition", default=None,
+                     help="operator graph: aten (default), paper (Du et al.'s library) or primitive")
     pth.add_argument("--full", action="store_true", help="list every operator of each path")
     pth.add_argument("--png", default=None, metavar="PATH", help="save a figure of the top path (layers x positions)")
     ins = sub.add_parser("inseq", help="run an Inseq command (attribute, attribute-dataset, attribute-context) with "

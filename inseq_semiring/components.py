@@ -458,10 +458,12 @@ def analyze_components(
     granularity: str = "tensor",
     agg: str = "oplus",
     tape: Tape | None = None,
+    decomposition=None,
 ) -> list[ComponentReadout]:
-    """Run one maxpath sweep of ``fn(*inputs)`` and read every requested layer (default: all recorded)."""
+    """Run one maxpath sweep of ``fn(*inputs)`` and read every requested layer (default: all recorded).
+    ``decomposition``: the operator graph (``"paper"`` for Du et al.'s; see :func:`inseq_semiring.run`)."""
     result = run(fn, inputs, "maxpath", sign=sign, granularity=granularity, backpointers=True, model=model,
-                 tape=tape)
+                 tape=tape, decomposition=decomposition)
     split = split_for(model if split is None else split)
     layers = layers_on_tape(result.tape, split) if layers is None else layers
     return [component_readout(result, split, k, agg=agg) for k in layers]

@@ -16,6 +16,10 @@ Methods (``model.attribute(..., method=<name>)`` or ``inseq attribute -a <name>`
                      same granular output, aggregation (``vnorm``) and ``abs`` convention as Inseq's ``saliency``.
 ================== =========================================================================================
 
+Every method also takes ``decomposition`` (``"aten"``, default; ``"paper"``: the operator graph of Du et al.'s
+library; ``"primitive"``; or any name registered in :data:`~inseq_semiring.decompositions.DECOMPOSITIONS`), which
+changes the graph that flow, entropy and maxpath are computed on (never the gradient).
+
 The root is the attributed function of each generation step (``attributed_fn``: the probability of the generated
 token by default, or e.g. ``contrast_prob_diff``). Outputs are Inseq's own classes (``Coarse...`` for the first three,
 ``Granular...`` for ``semiring_gradient``), so saved files reload without this plugin.
@@ -54,6 +58,7 @@ from inseq.data import CoarseFeatureAttributionStepOutput, GranularFeatureAttrib
 from inseq.data.aggregation_functions import DEFAULT_ATTRIBUTION_AGGREGATE_DICT
 from inseq.utils import Registry
 
+from ..decompositions import DECOMPOSITIONS
 from ..errors import InvalidInputError
 from ..semirings.maxpath import GRANULARITIES, SIGNS
 from ..semirings.scaled import entropy_of, pooled_entropy
@@ -68,8 +73,8 @@ METHODS = ("semiring_maxpath", "semiring_entropy", "semiring_flow", "semiring_gr
 #: step function name -> aggregation used when merging spans of generated tokens
 STEP_FUNCTIONS = {"semiring_entropy": "mean", "semiring_top_path": "max", "semiring_total_flow": "sum",
                   "semiring_log_total_flow": "max"}
-OPTION_NAMES = ("sign", "granularity")
-_DEFAULT_OPTIONS = {"sign": "abs", "granularity": "scalar"}
+OPTION_NAMES = ("sign", "granularity", "decomposition")
+_DEFAULT_OPTIONS = {"sign": "abs", "granularity": "scalar", "decomposition": "aten"}
 _MARK = "_inseq_semiring_plugin"  # attribute set on everything we register (to recognise our own objects)
 
 
@@ -123,9 +128,11 @@ class SemiringAttributionRegistry(GradientAttributionRegistry, Registry):
     #: allowed values of each option for this method
     allowed_options: dict[str, tuple[str, ...]] = {"sign": ("abs",), "granularity": ("scalar",)}
 
-    def __init__(self, attribution_model, sign: str | None = None, granularity: str | None = None, **kwargs):
+    def __init__(self, attribution_model, sign: str | None = None, granularity: str | None = None,
+                 decomposition: str | None = None, **kwargs):
         super().__init__(attribution_model)
-        given = {k: v for k, v in (("sign", sign), ("granularity", granularity)) if v is not None}
+        given = {k: v for k, v in (("sign", sign), ("granularity", granularity), ("decomposition", decomposition))
+                 if v is not None}
         self.options = self.check_options(given)
         self.method = SemiringAttribution(self.attribution_model, semiring=self.semiring,
                                           model=getattr(attribution_model, "model", None))
@@ -136,7 +143,7 @@ class SemiringAttributionRegistry(GradientAttributionRegistry, Registry):
         """Merge ``given`` into ``base`` (the defaults), raising a clear error for a value the method does not allow."""
         opts = dict(base or _DEFAULT_OPTIONS)
         for name, value in given.items():
-            allowed = cls.allowed_options[name]
+            allowed = sorted(DECOMPOSITIONS) if name == "decomposition" else cls.allowed_options[name]
             if value not in allowed:
                 many = len(allowed) > 1
                 also = "" if many else "; sign and granularity apply to semiring_maxpath only"
@@ -168,7 +175,8 @@ class SemiringAttributionRegistry(GradientAttributionRegistry, Registry):
         extra = attribute_fn_main_args.get("additional_forward_args")
         tape, shared = self._shared_tape(inputs, extra, opts)
         result = self.method.attribute_result(inputs, additional_forward_args=extra, semiring=self.semiring,
-                                              sign=opts["sign"], granularity=opts["granularity"], tape=tape)
+                                              sign=opts["sign"], granularity=opts["granularity"], tape=tape,
+                                              decomposition=None if tape is not None else opts["decomposition"])
         if shared is not None:
             _CACHE.store(*shared, tape=result.tape,
                          results={_result_key(self.semiring, opts): result} if self.semiring != "gradient" else {})
@@ -186,7 +194,7 @@ class SemiringAttributionRegistry(GradientAttributionRegistry, Registry):
         """If this step's root is the model's default attributed function over the whole graph, reuse / publish the
         step's tape through the cache. Returns ``(tape or None, key to publish or None)``."""
         model = self.attribution_model
-        if not isinstance(extra, tuple):
+        if not isinstance(extra, tuple) or opts["decomposition"] != "aten":  # step scores use the ATen graph
             return None, None
         # Inseq's layouts: (..., target_ids, attributed_fn, masks..., use_embeddings, argnames, *argvalues)
         pos = [i for i, a in enumerate(extra) if callable(a) and not isinstance(a, torch.Tensor)]
