@@ -100,14 +100,58 @@ def _first_token_start(n: int, vocab_size: int, seq_len: int, seed: int):
 # -- generators ------------------------------------------------------------------------------------------------
 
 def first_token_repeated_once(n: int = 10_000, vocab_size: int = 20, seq_len: int = 10,
-                              seed: int = 0) -> SyntheticDataset:
-    """y=1 iff x[0] recurs; pos: one copy at a uniform i in 1..L-1, rest ~ V-{x[0]}; neg: x[1:] ~ V-{x[0]}."""
+                              seed: int = 0, *, sampling: str = "paper") -> SyntheticDataset:
+    """y=1 iff x[0] recurs; pos: one copy at a uniform i in 1..L-1, rest ~ V-{x[0]}; neg: x[1:] ~ V-{x[0]}.
+
+    ``sampling="paper"`` (default): the paper's data, bit for bit (:func:`_paper_first_token_repeated_once`);
+    ``"balanced"``: this module's vectorised generator (``default_rng``, balanced 70/10/20 split)."""
+    if sampling == "paper":
+        return _paper_first_token_repeated_once(n, vocab_size, seq_len, seed)
+    if sampling != "balanced":
+        raise ValueError(f"sampling must be 'paper' or 'balanced', got {sampling!r}")
     rng, y, first, X = _first_token_start(n, vocab_size, seq_len, seed)
     X[:, 1:] = _uniform_except(rng, vocab_size, first[:, None], (n, seq_len - 1))
     pos = np.flatnonzero(y == 1)
     where = rng.integers(1, seq_len, size=len(pos))
     X[pos, where] = first[pos]
     return _finish("FirstTokenRepeatedOnce", X, y, rng, dict(n=n, vocab_size=vocab_size, seq_len=seq_len, seed=seed))
+
+
+def _paper_first_token_repeated_once(n: int, vocab_size: int, seq_len: int, seed: int) -> SyntheticDataset:
+    """The paper's FirstTokenRepeatedOnce data, regenerated from the facts of its generator.
+
+    One ``numpy.random.RandomState(seed)`` draws, in this order: the first tokens of all ``n`` rows
+    (``choice`` over ``1..V-1``); then row by row, where rows ``< n // 2`` are the positives: a positive draws its
+    repeat position (``choice`` over ``1..L-1``) and then each other position one ``choice`` over ``V-{x[0]}`` (in
+    ascending order), a negative draws its ``L-1`` tokens in one ``choice`` over ``V-{x[0]}``; last a permutation of
+    the rows. The split is ``torch.utils.data.random_split`` into ``int(0.7 n)``, ``int(0.1 n)``, ``int(0.2 n)``
+    rows with ``torch.Generator().manual_seed(seed)``. With the defaults the validation set has 476 positives and
+    ``val[0] = [4, 10, 1, 9, 16, 2, 9, 11, 8, 6]`` (label 0)."""
+    _check(vocab_size, seq_len)
+    rs = np.random.RandomState(seed)
+    vocab = list(range(1, vocab_size))
+    y = _labels(n)
+    X = np.zeros((n, seq_len), dtype=np.int64)
+    first = rs.choice(vocab, size=n, replace=True)
+    for i, tok in enumerate(first):
+        others = [v for v in vocab if v != tok]
+        X[i, 0] = tok
+        if y[i] == 0:
+            X[i, 1:] = rs.choice(others, size=seq_len - 1, replace=True)
+            continue
+        where = rs.choice(np.arange(1, seq_len))
+        X[i, where] = tok
+        for j in range(1, seq_len):
+            if j != where:
+                X[i, j] = rs.choice(others)
+    order = rs.permutation(n)
+    X, y = X[order], y[order]
+    sizes = [int(f * n) for f in SPLIT_FRACTIONS]
+    parts = torch.utils.data.random_split(range(sum(sizes)), sizes, generator=torch.Generator().manual_seed(seed))
+    splits = {name: torch.tensor(list(part.indices), dtype=torch.long)
+              for name, part in zip(("train", "val", "test"), parts)}
+    info = dict(n=n, vocab_size=vocab_size, seq_len=seq_len, seed=seed, sampling="paper")
+    return SyntheticDataset("FirstTokenRepeatedOnce", torch.from_numpy(X), torch.from_numpy(y), splits, info)
 
 
 def first_token_repeated_immediately(n: int = 10_000, vocab_size: int = 20, seq_len: int = 10,
