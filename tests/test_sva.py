@@ -151,7 +151,8 @@ def test_reduced_run_on_smollm2(smollm2, tmp_path):
     cfg = sva.SVAConfig(out=str(tmp_path), per_cell=2, n_analysis=3, progress=False, model=(model, tok))
     summary = sva.run(cfg)
     for name in ("summary.json", "items.json", "entropy_by_condition.png", "accuracy.png",
-                 "layer_shares_win_share_tensor_positive.png", "layer_shares_win_share_scalar_abs.png"):
+                 "layer_shares_win_share_paper_tensor_positive.png", "layer_shares_win_share_aten_tensor_positive.png",
+                 "layer_shares_win_share_aten_scalar_abs.png"):
         assert (tmp_path / name).is_file(), name
     assert json.loads((tmp_path / "summary.json").read_text())["n_items"] == 20
     data = json.loads((tmp_path / "items.json").read_text())
@@ -183,6 +184,6 @@ def test_reduced_run_on_smollm2(smollm2, tmp_path):
                     assert sum(w.values()) == pytest.approx(1.0 if has else 0.0), (k, grp, cat, layer)
                     assert sum(v.values()) == pytest.approx(1.0) or sum(v.values()) == 0.0
                     assert all(x >= 0 for x in list(w.values()) + list(v.values()))
-    assert summary["shares"]["tensor/positive"]["pp"]["attractor"]["n_tokens"] == 1
+    assert summary["shares"]["paper/tensor/positive"]["pp"]["attractor"]["n_tokens"] == 1
     ent = summary["entropy"]
     assert all(math.isfinite(ent[c]["prefix"]["mean"]) and ent[c]["prefix"]["mean"] > 0 for c in ("simple", "pp"))

@@ -3,6 +3,7 @@ run with a given number of torch threads (restored afterwards, also on error).""
 
 from __future__ import annotations
 
+import argparse
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -29,3 +30,14 @@ def torch_threads(n: int):
         yield
     finally:
         torch.set_num_threads(previous)
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (a clear usage error otherwise, no traceback)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value

@@ -20,8 +20,9 @@ token embeddings of the prefix (no BOS; SmolLM2's tokenizer adds none). Reported
 2. on ``n_analysis`` items (stratified round-robin over the 10 cells) the component readout of
    :mod:`inseq_semiring.components` (Llama split: the residual stream entering ``input_layernorm`` fans out to
    ``q_proj``/``k_proj``/``v_proj`` (via the norm) and to the residual add = Skip), "oplus" readout, at every layer,
-   for two analyses: the paper's semantics (``granularity="tensor"``, ``sign="positive"``, i.e. M+) and
-   ``granularity="scalar"``, ``sign="abs"``. Per layer and token category (subject noun, attractor noun, other
+   for three analyses: the paper's semantics (``granularity="tensor"``, ``sign="positive"``, i.e. M+) on the
+   paper's operator graph (``decomposition="paper"``: softmax as ``exp(x - lse(x))``) and on PyTorch's
+   (``"aten"``: one ``_softmax`` operator), and ``granularity="scalar"``, ``sign="abs"``. Per layer and token category (subject noun, attractor noun, other
    tokens) we give the *win shares* (fraction of tokens whose best path leaves through each component; each token
    counts once) and the *value shares* (credited value summed per component / total);
 3. path entropy (``run(..., "entropy")``): per token, pooled over the hidden dimension
@@ -53,7 +54,7 @@ from typing import Any, Sequence
 
 import torch
 
-from ._common import output_dir, torch_threads, with_overrides
+from ._common import output_dir, positive_int, torch_threads, with_overrides
 from .. import viz
 
 CONDITIONS = ("simple", "pp", "rc")
@@ -271,11 +272,14 @@ def forward_roots(model, tokenizer, items: Sequence[SVAItem], batch_size: int = 
 
 # -- per-item analysis --------------------------------------------------------------------------------------------
 
-def analyze_item(model, tokenizer, item: SVAItem, analyses=(("tensor", "positive"), ("scalar", "abs")),
-                 entropy: bool = True, split=None) -> dict:
-    """One item: a maxpath sweep per (granularity, sign) with every layer's component readout, and an entropy sweep
-    (all sharing one recorded tape). Per analysis: ``winner[layer][pos]`` (a label or ``None``) and
-    ``value[layer][pos]`` (the credited value, real units)."""
+#: (decomposition, granularity, sign) of each component analysis
+ANALYSES = (("paper", "tensor", "positive"), ("aten", "tensor", "positive"), ("aten", "scalar", "abs"))
+
+
+def analyze_item(model, tokenizer, item: SVAItem, analyses=ANALYSES, entropy: bool = True, split=None) -> dict:
+    """One item: a maxpath sweep per (decomposition, granularity, sign) with every layer's component readout, and an
+    entropy sweep on the ATen graph (sweeps of one decomposition share one recorded tape). Per analysis:
+    ``winner[layer][pos]`` (a label or ``None``) and ``value[layer][pos]`` (the credited value, real units)."""
     from ..api import run as semiring_run
     from ..components import component_readout, layers_on_tape, split_for
     from ..semirings.scaled import pooled_entropy
@@ -294,12 +298,13 @@ def analyze_item(model, tokenizer, item: SVAItem, analyses=(("tensor", "positive
                            "subject_pos": enc["subject"], "attractor_pos": enc["attractor"],
                            "categories": token_categories(len(enc["ids"]), enc["subject"], enc["attractor"]),
                            "analyses": {}, "seconds": {}}
-    tape = None
-    for g, s in analyses:
+    tapes = {}
+    for d, g, s in analyses:
         t0 = time.perf_counter()
-        res = semiring_run(fn, emb, "maxpath", sign=s, granularity=g, backpointers=True, model=model, tape=tape)
-        if tape is None:
-            tape = res.tape
+        res = semiring_run(fn, emb, "maxpath", sign=s, granularity=g, backpointers=True, model=model,
+                           tape=tapes.get(d), decomposition=None if d in tapes else d)
+        tape = tapes.setdefault(d, res.tape)
+        if d == "aten":
             out["root"] = float(tape.root)
         layers = layers_on_tape(tape, split)
         winners, values = [], []
@@ -308,14 +313,13 @@ def analyze_item(model, tokenizer, item: SVAItem, analyses=(("tensor", "positive
             labels = ro.winner_labels()
             winners.append(labels)
             values.append([float(v) for v in ro.value])
-        out["analyses"][f"{g}/{s}"] = {"winner": winners, "value": values, "labels": list(ro.labels)}
-        out["seconds"][f"{g}/{s}"] = round(time.perf_counter() - t0, 3)
+        out["analyses"][f"{d}/{g}/{s}"] = {"winner": winners, "value": values, "labels": list(ro.labels)}
+        out["seconds"][f"{d}/{g}/{s}"] = round(time.perf_counter() - t0, 3)
         del res
     if entropy:
         t0 = time.perf_counter()
-        res = semiring_run(fn, emb, "entropy", model=model, tape=tape)
-        if tape is None:
-            out["root"] = float(res.tape.root)
+        res = semiring_run(fn, emb, "entropy", model=model, tape=tapes.get("aten"))
+        out["root"] = float(res.tape.root)
         raw = res.raw[0]
         per_token = pooled_entropy(raw, -1).reshape(-1)
         whole = pooled_entropy(raw, tuple(range(raw.z.dim())))
@@ -426,7 +430,7 @@ class SVAConfig:
     per_cell: int = 30  # 10 cells -> 300 items, all scored for accuracy
     seed: int = 0
     n_analysis: int = 100  # items that get the semiring sweeps (stratified: 10 per cell); ~7 min
-    analyses: tuple = (("tensor", "positive"), ("scalar", "abs"))
+    analyses: tuple = ANALYSES
     entropy: bool = True
     n_early: int = 10  # "early layers" = the first third of SmolLM2's 30
     threads: int = 1
@@ -485,7 +489,7 @@ def run(config: SVAConfig | None = None, **overrides) -> dict:
             _log(cfg, f"{j + 1}/{len(chosen)} items analysed ({it.cell}: {it.prefix!r} -> {it.correct}, "
                       f"root {rec['root']:+.2f}); elapsed {el:.0f} s, eta {eta:.0f} s")
         t_an = time.perf_counter() - t_an
-        keys = [f"{g}/{s}" for g, s in cfg.analyses]
+        keys = ["/".join(a) for a in cfg.analyses]
         shares = {k: {grp: {cat: layer_shares(records, k, cat, conds) for cat in CATEGORIES}
                       for grp, conds in GROUPS.items()} for k in keys}
         last = {}
@@ -510,8 +514,10 @@ def run(config: SVAConfig | None = None, **overrides) -> dict:
                 "root": "logit(correct verb) - logit(wrong verb), next-token logits after the prefix",
                 "inputs": "token embeddings of the prefix (no BOS)",
                 "readout": "components.component_readout, Llama split, agg='oplus', every layer",
-                "analyses": {"tensor/positive": "paper's semantics: tensor granularity, signed M+",
-                             "scalar/abs": "scalar granularity, max |prod w|"},
+                "analyses": {"paper/tensor/positive": "the paper's semantics: tensor granularity, signed M+, on "
+                                                      "the paper's operator graph (softmax as exp(x - lse(x)))",
+                             "aten/tensor/positive": "the same on PyTorch's graph (one _softmax operator)",
+                             "aten/scalar/abs": "scalar granularity, max |prod w|"},
                 "win_share": "fraction of tokens whose best path leaves through each component",
                 "value_share": "credited value per component / total credited value",
                 "entropy": "per token: pooled over the hidden dim; prefix: pooled over all input elements (nats)",
@@ -654,10 +660,10 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="outputs/sva")
     p.add_argument("--quick", action="store_true", help="10 analysed items (one per cell)")
-    p.add_argument("--n", type=int, help="number of analysed items (default 100; --quick: 10)")
-    p.add_argument("--per-cell", type=int, help="generated items per cell (default 30)")
+    p.add_argument("--n", type=positive_int, help="number of analysed items (default 100; --quick: 10)")
+    p.add_argument("--per-cell", type=positive_int, help="generated items per cell (default 30)")
     p.add_argument("--seed", type=int)
-    p.add_argument("--threads", type=int)
+    p.add_argument("--threads", type=positive_int)
     p.add_argument("--no-entropy", action="store_true")
     args = p.parse_args(argv)
     cfg = SVAConfig.quick() if args.quick else SVAConfig()

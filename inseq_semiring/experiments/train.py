@@ -101,9 +101,12 @@ def train_classifier(
     time_budget_s: float | None = None,
     target_val_accuracy: float | None = None,
     on_epoch: Callable[[int, TrainLog], None] | None = None,
+    before_update: Callable[[int, torch.Tensor], None] | None = None,
 ) -> TrainLog:
     """Adam + cross-entropy. Stops after ``epochs``, or early when the ``time_budget_s`` is spent (checked after
-    every epoch) or when validation accuracy reaches ``target_val_accuracy`` (both recorded in the log)."""
+    every epoch) or when validation accuracy reaches ``target_val_accuracy`` (both recorded in the log).
+    ``before_update(step, idx)``: called with the step's training-row indices after the backward pass and before
+    the parameter update (where the paper logs its per-step statistics)."""
     X, y = train
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
@@ -118,6 +121,8 @@ def train_classifier(
             loss = F.cross_entropy(logits_of(model, X[idx]), y[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if before_update is not None:
+                before_update(log.steps, idx)
             opt.step()
             total += float(loss.detach()) * len(idx)
             count += len(idx)
