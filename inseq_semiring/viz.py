@@ -60,9 +60,11 @@ def component_bars(
     ylabel: str | None = None,
     xlabel: str | None = None,
     annotate: bool = False,
+    legend: str | None = "best",
 ):
     """Stacked bars: one bar per category (``table``'s keys, in order), one segment per component label.
-    ``normalize``: divide each bar by its total (shares; bars with a zero total stay empty)."""
+    ``normalize``: divide each bar by its total (shares; bars with a zero total stay empty). ``legend``: a
+    matplotlib location, ``"outside"`` (right of the axes) or ``None``."""
     cats = list(table)
     if labels is None:
         labels = []
@@ -87,14 +89,22 @@ def component_bars(
         pos_base += np.where(v >= 0, v, 0)
         neg_base += np.where(v < 0, v, 0)
     ax.set_xticks(x)
-    ax.set_xticklabels(cats)
+    crowded = sum(len(str(c)) for c in cats) > 30
+    ax.set_xticklabels(cats, rotation=25 if crowded else 0, ha="right" if crowded else "center")
     ax.axhline(0, color="black", linewidth=0.5)
-    ax.set_ylabel(ylabel or ("share" if normalize else "value"))
+    top, bottom = float(pos_base.max(initial=0.0)), float(neg_base.min(initial=0.0))
+    if top > bottom:  # headroom above the tallest bar (zero-height segments would pin the limit with sticky edges)
+        pad = 0.06 * (top - bottom)
+        ax.set_ylim(bottom - (pad if bottom < 0 else 0.0), top + pad)
+    ax.set_ylabel(("share" if normalize else "value") if ylabel is None else ylabel)
     if xlabel:
         ax.set_xlabel(xlabel)
     if title:
         ax.set_title(title)
-    ax.legend(fontsize=8, frameon=False, loc="best")
+    if legend == "outside":
+        ax.legend(fontsize=8, frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    elif legend is not None:
+        ax.legend(fontsize=8, frameon=False, loc=legend)
     return fig
 
 

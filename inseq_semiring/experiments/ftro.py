@@ -178,15 +178,22 @@ def summarize(credit: torch.Tensor, winner: torch.Tensor, types: torch.Tensor, l
     return summary
 
 
+def _num(v: float, fmt: str) -> str:
+    """``fmt``, except that exact zeros read "0" and small means keep two significant digits (``4.1e-05``)."""
+    if v == 0:
+        return "0"
+    return f"{v:.1e}" if fmt == "mean" and abs(v) < 0.001 else format(v, ".3f" if fmt == "mean" else fmt)
+
+
 def _cell(values: list[float], fmt: str) -> str:
-    return "/".join(format(v, fmt) for v in values)
+    return "/".join(_num(v, fmt) for v in values)
 
 
 def _table(summary: dict, paper: dict | None = None, components=COMPONENTS, field: str = "mean") -> str:
     """Markdown: token types x components; one value per seed (``a/b/c``), the paper's mean in parentheses."""
     head = "| token type | n | " + " | ".join(components) + " |"
     lines = [head, "|" + "---|" * (len(components) + 2)]
-    fmt = ".3f" if field == "mean" else ".2f"
+    fmt = "mean" if field == "mean" else ".2f"
     for name in TOKEN_TYPES + ("All",):
         blk = summary.get(name, {})
         if field not in blk:
@@ -301,7 +308,8 @@ def _plots(summary: dict, out: Path) -> list[str]:
         fig = viz.new_figure((4.2 * len(panels), 4))
         for i, (title, table) in enumerate(panels):
             viz.component_bars(table, COMPONENTS, ax=fig.add_subplot(1, len(panels), i + 1), title=title,
-                               ylabel=ylabel if i == 0 else None, normalize=normalize)
+                               ylabel=ylabel if i == 0 else "", normalize=normalize,
+                               legend="outside" if i == len(panels) - 1 else None)
         fig.suptitle(f"FirstTokenRepeatedOnce, layer-0 attention input: {ylabel} "
                      f"(mean over seeds {', '.join(str(m['seed']) for m in summary['models'])})")
         written.append(str(viz.save(fig, out / f"components_{field}.png")))
