@@ -99,6 +99,19 @@ def test_attribute_encoder_decoder_and_options(tiny_bart_dir, tiny_gpt2_dir, cap
                         "-q", "--no-step-scores")
     assert rc == 0, err
     assert "(sign=negative, granularity=tensor)" in out and "path entropy" not in out
+    rc, out, err = _run(capsys, "attribute", "-m", tiny_gpt2_dir, "--sign", "positive", "--granularity", "tensor",
+                        "--decomposition", "paper", "-q", "--no-step-scores")
+    assert rc == 0, err
+    assert "decomposition=paper" in out
+    rc, out, err = _run(capsys, "paths", "-m", tiny_gpt2_dir, "-k", "1", "--full")
+    assert rc == 0, err
+    assert "_log_softmax" in out  # the root is log p(target): every path ends through the log-softmax
+    rc, out, err = _run(capsys, "paths", "-m", tiny_gpt2_dir, "-k", "1", "--full", "--decomposition", "paper")
+    assert rc == 0, err
+    assert "softmax" not in out  # decomposed into the paper's operators
+    rc, _, err = _run(capsys, "paths", "-m", tiny_gpt2_dir, "--decomposition", "brunoflow")
+    assert rc == 2
+    _assert_one_line_error(err, "unknown decomposition 'brunoflow'")
     rc, out, err = _run(capsys, "attribute", "-m", tiny_gpt2_dir, "-a", "semiring_gradient", "-q", "-t", " are on")
     assert rc == 0, err
     assert "'Ġon'" in out
@@ -110,6 +123,7 @@ def test_attribute_encoder_decoder_and_options(tiny_bart_dir, tiny_gpt2_dir, cap
     (["-t", " word" * 40], ["longer than the model's context of 32"]),
     (["--sign", "up"], ["option 'sign'", "'up'", "'abs', 'positive', 'negative'", "semiring_maxpath"]),
     (["-a", "semiring_flow", "--sign", "positive"], ["option 'sign'", "semiring_flow", "'abs'"]),
+    (["--decomposition", "brunoflow"], ["option 'decomposition'", "'brunoflow'", "'paper'"]),
 ])
 def test_attribute_bad_input_is_one_line_and_exit_2(tiny_gpt2_dir, capsys, argv, needles):
     rc, out, err = _run(capsys, "attribute", "-m", tiny_gpt2_dir, "-q", *argv)

@@ -56,6 +56,7 @@ def _engine_per_token(method: str, fn, inputs, **opts):
     ring = method.split("_", 1)[1]
     if method == "semiring_maxpath":
         vals = semiring_backward(fn, inputs, "maxpath", **opts)
+        opts = {k: v for k, v in opts.items() if k != "decomposition"}
         return [v.amin(-1) if opts.get("sign") == "negative" else v.amax(-1) for v in vals]
     if method == "semiring_gradient":
         return [v.abs() for v in semiring_backward(fn, inputs, "gradient")]
@@ -244,7 +245,34 @@ def test_maxpath_options_pass_through(gpt2_model):
     torch.testing.assert_close(again.target_attributions, p, equal_nan=True)
 
 
+def test_decomposition_option_changes_the_graph_not_the_gradient(gpt2_model):
+    """``decomposition="paper"`` as a method option: the per-token maxpath (tensor granularity) and entropy are the
+    engine's values on the paper's graph, and differ from the ATen graph's; the gradient does not change."""
+    emb = gpt2_model.embed_ids(gpt2_model.encode(PROMPT).input_ids).detach()
+    token = gpt2_model.encode(PROMPT + " are").input_ids[0, -1]
+
+    def fn(e):
+        return torch.softmax(gpt2_model.model(inputs_embeds=e).logits[:, -1], -1)[:, token].sum()
+
+    base = dict(show_progress=False)
+    out = {}
+    for method, opts in (("semiring_maxpath", dict(sign="positive", granularity="tensor")),
+                         ("semiring_entropy", {}), ("semiring_gradient", {})):
+        for dec in ("aten", "paper"):
+            res = gpt2_model.attribute(PROMPT, PROMPT + " are", method=method, decomposition=dec, **opts, **base)
+            out[method, dec] = res.sequence_attributions[0].target_attributions[: emb.shape[1], 0]
+            assert res.info["attribution_args"] == {**opts, "decomposition": dec}
+    expected = _engine_per_token("semiring_maxpath", fn, (emb,), sign="positive", granularity="tensor",
+                                 decomposition="paper")[0][0]
+    torch.testing.assert_close(out["semiring_maxpath", "paper"], expected.float(), rtol=1e-4, atol=1e-9)
+    assert not torch.allclose(out["semiring_maxpath", "paper"], out["semiring_maxpath", "aten"], rtol=1e-3)
+    assert not torch.allclose(out["semiring_entropy", "paper"], out["semiring_entropy", "aten"], rtol=1e-3)
+    torch.testing.assert_close(out["semiring_gradient", "paper"].nan_to_num(), out["semiring_gradient", "aten"]
+                               .nan_to_num(), rtol=1e-4, atol=1e-7)
+
+
 @pytest.mark.parametrize("method, kwargs, allowed", [
+    ("semiring_maxpath", {"decomposition": "brunoflow"}, "'aten', 'paper', 'primitive'"),
     ("semiring_maxpath", {"sign": "up"}, "'abs', 'positive', 'negative'"),
     ("semiring_maxpath", {"granularity": "vector"}, "'scalar', 'tensor'"),
     ("semiring_flow", {"sign": "positive"}, "'abs'"),
