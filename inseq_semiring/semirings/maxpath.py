@@ -6,7 +6,8 @@
   an edge ``w`` offers ``w M+(v)`` and ``w M-(v)`` to both (so negative edges swap them), every structural edge
   offers its candidate even when ``w = 0``; elements with no path to the root are absent (-inf / +inf).
   ``finalize`` returns ``M+`` for "positive" and ``M-`` for "negative".
-* ``granularity="tensor"``: the paper's code. Inside an operator the candidates are *summed* (an ordinary
+* ``granularity="tensor"``: the paper's semantics (on the paper's operator graph, ``decomposition="paper"``, it equals
+  the paper's library). Inside an operator the candidates are *summed* (an ordinary
   vector-Jacobian product of ``M+`` and ``M-``, then ``M+ = max``, ``M- = min`` of the two); only where a tensor
   fans out to several consumer operators is the max taken. Absent values are 0 there, as in a plain VJP.
 
