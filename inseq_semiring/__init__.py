@@ -10,10 +10,10 @@ Importing this package also registers the Inseq plugin methods (``semiring_maxpa
 
 from .api import SemiringResult, run, semiring_backward
 from .errors import InvalidInputError, SemiringError, UnsupportedModelError, UnsupportedOpError
-from .rules import RULES, RuleSet, rule
+from .rules import RULES, RuleSet, function_rule, rule
 from .semirings import SEMIRINGS
 
-__all__ = ["semiring_backward", "run", "SemiringResult", "SEMIRINGS", "RULES", "RuleSet", "rule",
+__all__ = ["semiring_backward", "run", "SemiringResult", "SEMIRINGS", "RULES", "RuleSet", "rule", "function_rule",
            "SemiringError", "InvalidInputError", "UnsupportedOpError", "UnsupportedModelError"]
 
 

@@ -103,6 +103,7 @@ def run(
     rules: RuleSet = DEFAULT_RULES,
     tape: Tape | None = None,
     decomposition: str | Decomposition | None = None,
+    custom_functions: str = "error",
 ) -> SemiringResult:
     """Record ``fn(*inputs)`` (or reuse ``tape``) and sweep it once with the named semiring.
 
@@ -111,13 +112,16 @@ def run(
     back-pointers in ``result.trail`` (maxpath) for :mod:`~inseq_semiring.paths`. ``decomposition``: how composite
     operators are split into the graph's operators (``"aten"``, the default; ``"paper"``: Du et al.'s library;
     ``"primitive"``; see :mod:`~inseq_semiring.decompositions`). It changes flow, entropy and tensor-granularity
-    maxpath, never the gradient.
+    maxpath, never the gradient. ``custom_functions``: a custom ``torch.autograd.Function`` on the path without a
+    registered rule (:func:`~inseq_semiring.rules.registry.function_rule`) raises (``"error"``, the default) or has
+    its forward operators differentiated, with a warning (``"forward"``).
     """
     ring = make_semiring(semiring, sign=sign, granularity=granularity, backpointers=backpointers)
     inputs = _check_inputs(inputs)
     if tape is None:
         with attribution_mode(model):
-            tape = record(fn, inputs, model=model, rules=rules, decomposition=decomposition)
+            tape = record(fn, inputs, model=model, rules=rules, decomposition=decomposition,
+                          custom_functions=custom_functions)
     elif decomposition is not None and resolve(decomposition).name != tape.decomposition:
         raise InvalidInputError(f"the given tape was recorded with decomposition {tape.decomposition!r}, not "
                                 f"{resolve(decomposition).name!r}", where="run(tape=...)",
@@ -140,7 +144,10 @@ def semiring_backward(
     sign: str = "abs",
     granularity: str = "scalar",
     decomposition: str | Decomposition | None = None,
+    model: torch.nn.Module | None = None,
+    custom_functions: str = "error",
 ) -> tuple[torch.Tensor, ...]:
     """One reverse sweep of ``semiring`` from the root ``fn(*inputs)``; one tensor per input, shaped like it.
-    ``decomposition``: see :func:`run`."""
-    return run(fn, inputs, semiring, sign=sign, granularity=granularity, decomposition=decomposition).values
+    ``decomposition``, ``model``, ``custom_functions``: see :func:`run`."""
+    return run(fn, inputs, semiring, sign=sign, granularity=granularity, decomposition=decomposition, model=model,
+               custom_functions=custom_functions).values

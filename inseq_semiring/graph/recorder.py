@@ -6,7 +6,13 @@ Module paths come from a stack kept by global forward hooks (removed on exit).
 An operator listed in the call's :class:`~inseq_semiring.decompositions.Decomposition` is not run as itself when
 it reads a node: its decomposition runs inside the recorder, which records the smaller operators it calls.
 In-place operators are recorded functionally: the written tensor gets a new id, and every earlier record that
-saved that tensor object is given a snapshot of its value before the write.
+saved that tensor object is given a snapshot of its value before the write. An in-place *overwrite* whose result does
+not depend on the old value (``fill_``, ``zero_``, ``copy_`` from a constant, ``uniform_``, ``normal_``, ...) makes
+the tensor a constant, as in autograd.
+
+``fn`` runs with grad mode on (inputs that do not require grad are given aliases that do), so that the recorder
+sees what autograd sees: operators run with grad mode off (``torch.no_grad()`` inside the forward) are constants,
+and custom ``autograd.Function`` calls are found in the root's autograd graph (:mod:`.custom_functions`).
 """
 
 from __future__ import annotations
@@ -17,11 +23,12 @@ from typing import Callable, Sequence
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
+from torch.utils._pytree import tree_flatten, tree_map
 
 from ..decompositions import Decomposition, resolve
-from ..errors import UnsupportedModelError
+from ..errors import InvalidInputError, UnsupportedModelError
 from ..rules.registry import DEFAULT_RULES, RuleSet
+from .custom_functions import check_policy, resolve_grad_mode
 from .tape import OpRecord, Tape
 
 aten = torch.ops.aten
@@ -29,6 +36,15 @@ aten = torch.ops.aten
 #: Operators that only inspect or re-describe data; they never create nodes.
 _PASSIVE = {aten.sym_size.int, aten.sym_stride.int, aten.sym_numel.default, aten.sym_storage_offset.default,
             aten.is_same_size.default, aten._local_scalar_dense.default, aten.is_nonzero.default}
+
+#: In-place operators whose result does not depend on the written tensor's old value.
+_OVERWRITES = {getattr(packet, name) for packet in (aten.fill_, aten.zero_, aten.copy_, aten.uniform_, aten.normal_,
+                                                     aten.random_, aten.exponential_, aten.cauchy_, aten.log_normal_,
+                                                     aten.geometric_, aten.bernoulli_)
+               for name in packet.overloads()}
+
+
+_CUSTOM_NODE = torch.autograd.function.BackwardCFunction
 
 
 def _is_floating(t) -> bool:
@@ -47,6 +63,8 @@ class _RecordingMode(TorchDispatchMode):
         self.ids: dict[int, tuple[int, torch.Tensor]] = {}  # id(tensor) -> (node id, tensor kept alive)
         self.saved_in: dict[int, list[tuple[list, int]]] = {}  # id(tensor) -> places that hold it
         self.counter = itertools.count()
+        self.grad_off: set[int] = set()  # indices of records made with grad mode off
+        self.late: dict[int, int] = {}  # node id of a custom Function output first seen as an argument -> record index
 
     # -- node bookkeeping ---------------------------------------------------------------------------------------
     def track(self, t: torch.Tensor) -> int:
@@ -79,6 +97,10 @@ class _RecordingMode(TorchDispatchMode):
             return func(*args, **kwargs)
         leaves, _ = tree_flatten((args, kwargs))
         leaf_ids = [self.node_id(x) if _is_floating(x) else None for x in leaves]
+        for pos, x in enumerate(leaves):  # a custom Function's output that no recorded operator produced
+            if leaf_ids[pos] is None and _is_floating(x) and isinstance(x.grad_fn, _CUSTOM_NODE):
+                leaf_ids[pos] = self.track(x)
+                self.late[leaf_ids[pos]] = len(self.records)
         written = self._written_leaves(func, leaves)
         if all(i is None for i in leaf_ids):
             for pos in written:  # a constant overwrote a node: it is a node no more
@@ -96,6 +118,12 @@ class _RecordingMode(TorchDispatchMode):
 
         module = self.stack[-1] if self.stack else ""
         where = f"module '{module or '<top level>'}', operator {func}"
+        grad_on = torch.is_grad_enabled()
+        if written and not grad_on and any(leaf_ids[pos] is not None for pos in written):
+            raise UnsupportedModelError(
+                "an in-place write with grad mode off (torch.no_grad() or a custom autograd.Function's forward) "
+                "into a traced tensor changes its value behind autograd's back; it cannot be represented faithfully",
+                where=where, fix="write out of place (y = f(x)) or outside the no_grad block")
         saved_leaves = list(leaves)
         for pos in written:
             t = leaves[pos]
@@ -113,7 +141,16 @@ class _RecordingMode(TorchDispatchMode):
                     saved_leaves[other] = old
 
         out = func(*args, **kwargs)
+        if func in _OVERWRITES and all(leaf_ids[i] is None for i in range(len(leaves)) if i not in written):
+            for pos in written:  # overwritten by constants: the old value's edges are cut, as in autograd
+                self.ids.pop(id(leaves[pos]), None)
+            return out
+        if func in (aten.fill_.Tensor, aten.fill.Tensor):
+            raise UnsupportedModelError("fill with a traced value has no rule", where=where,
+                                        fix="use value.expand_as(x) (or torch.full_like with a constant)")
         if self.rules.is_constant(func) or func in (aten.detach.default,):
+            for pos in written:  # e.g. an in-place rounding: the result is a constant
+                self.ids.pop(id(leaves[pos]), None)
             return out
         out_leaves, _ = tree_flatten(out)
         out_ids = []
@@ -130,6 +167,8 @@ class _RecordingMode(TorchDispatchMode):
             self._remember(rec.leaves, pos)
         for pos in range(len(rec.outputs)):
             self._remember(rec.outputs, pos)
+        if not grad_on:
+            self.grad_off.add(rec.index)
         self.records.append(rec)
         return out
 
@@ -166,6 +205,27 @@ def _module_stack(mode: _RecordingMode):
         h2.remove()
 
 
+def _freeze(records: list[OpRecord]) -> None:
+    """Make the holders tuples (they were lists, for snapshots) and detach node tensors from the autograd graph the
+    recording built (the same detached object wherever a tensor appears, so identities between records hold)."""
+    detached: dict[int, torch.Tensor] = {}
+
+    def plain(t):
+        if not (isinstance(t, torch.Tensor) and t.requires_grad and id(t) in nodes):
+            return t  # constants (the model's weights among them) stay the objects they are: caches key on them
+        if id(t) not in detached:
+            detached[id(t)] = t.detach()
+        return detached[id(t)]
+
+    nodes = {id(t) for rec in records for t, i in zip(rec.leaves, rec.leaf_ids) if i is not None}
+    nodes |= {id(t) for rec in records for t, i in zip(rec.outputs, rec.output_ids) if i is not None}
+    for rec in records:
+        object.__setattr__(rec, "leaves", tuple(plain(t) for t in rec.leaves))
+        object.__setattr__(rec, "outputs", tuple(plain(t) for t in rec.outputs))
+        object.__setattr__(rec, "args", tree_map(plain, rec.args))
+        object.__setattr__(rec, "kwargs", rec.kwargs if "ctx" in rec.kwargs else tree_map(plain, rec.kwargs))
+
+
 def record(
     fn: Callable[..., torch.Tensor],
     inputs: Sequence[torch.Tensor],
@@ -173,30 +233,47 @@ def record(
     model: torch.nn.Module | None = None,
     rules: RuleSet = DEFAULT_RULES,
     decomposition: "str | Decomposition | None" = None,
+    custom_functions: str = "error",
 ) -> Tape:
-    """Run ``fn(*inputs)`` once, without autograd, and return its :class:`Tape`. ``decomposition``: a name in
-    :data:`~inseq_semiring.decompositions.DECOMPOSITIONS` or a table (default ``"aten"``).
+    """Run ``fn(*inputs)`` once and return its :class:`Tape`. ``decomposition``: a name in
+    :data:`~inseq_semiring.decompositions.DECOMPOSITIONS` or a table (default ``"aten"``). ``custom_functions``:
+    what to do with a custom ``torch.autograd.Function`` without a registered rule (``"error"`` or ``"forward"``,
+    see :mod:`.custom_functions`).
 
     Raises :class:`~inseq_semiring.errors.UnsupportedOpError` listing every operator without a rule.
     """
+    check_policy(custom_functions)
+    if torch.is_inference_mode_enabled() or any(isinstance(t, torch.Tensor) and t.is_inference() for t in inputs):
+        raise InvalidInputError(
+            "called inside torch.inference_mode() (or with inference tensors as inputs): inference mode records no "
+            "gradient graph, so there is nothing to attribute", where="torch.inference_mode()",
+            fix="call outside torch.inference_mode() (torch.no_grad() around the call is fine), and pass tensors "
+            "created outside it (e.g. x.clone() outside the block)")
     names = {}
     if model is not None:
         names = {id(m): name for name, m in model.named_modules()}
         names[id(model)] = ""
     decomposition = resolve(decomposition)
     mode = _RecordingMode(rules, names, decomposition)
+    model_class = type(model).__name__ if model is not None else ""
+    traced = [t if t.requires_grad else t.detach().requires_grad_(True) for t in inputs]
     input_ids = []
-    for t in inputs:
+    for t in traced:
         input_ids.append(mode.track(t))
-    with torch.no_grad(), _module_stack(mode), mode:
-        root = fn(*inputs)
+    with torch.enable_grad(), _module_stack(mode), mode:
+        root = fn(*traced)
     if not isinstance(root, torch.Tensor):
         raise TypeError(f"fn must return a tensor (the root), got {type(root).__name__}")
     root_id = mode.node_id(root)
-    tape = Tape(records=mode.records, input_ids=tuple(input_ids), root_id=root_id, root=root,
-                model_class=type(model).__name__ if model is not None else "", decomposition=decomposition.name)
-    for rec in tape.records:  # freeze the holders (lists were kept mutable for snapshots)
-        object.__setattr__(rec, "leaves", tuple(rec.leaves))
-        object.__setattr__(rec, "outputs", tuple(rec.outputs))
+    if root_id is None and isinstance(root.grad_fn, _CUSTOM_NODE):
+        root_id = mode.track(root)
+        mode.late[root_id] = len(mode.records)
+    records, dropped = resolve_grad_mode(mode.records, mode.grad_off, mode.ids, mode.late, root,
+                                         policy=custom_functions, rules=rules, model_class=model_class)
+    if root_id in dropped:
+        root_id = None
+    tape = Tape(records=records, input_ids=tuple(input_ids), root_id=root_id, root=root.detach(),
+                model_class=model_class, decomposition=decomposition.name)
+    _freeze(tape.records)
     rules.check_coverage(tape.records, tape.model_class)
     return tape

@@ -36,6 +36,8 @@ class Edge(NamedTuple):
 Rule = Callable[[OpRecord], Iterable[Edge]]
 RULES: dict[torch._ops.OpOverload, Rule] = {}
 CONSTANT_OPS: set[torch._ops.OpOverload] = set()
+#: custom ``torch.autograd.Function`` class -> rule (its local Jacobian); see :func:`function_rule`
+FUNCTION_RULES: dict[type, Rule] = {}
 
 
 def _overloads(op) -> list[torch._ops.OpOverload]:
@@ -65,6 +67,26 @@ def constant_op(*ops) -> None:
         CONSTANT_OPS.update(_overloads(packet))
 
 
+def function_rule(*function_classes, replace: bool = False):
+    """Register the decorated function as the rule of custom ``torch.autograd.Function`` classes.
+
+    The rule receives one record per call of the Function: ``rec.leaves`` are the Function's tensor arguments in
+    ``apply`` order (``None`` for an argument autograd does not track), ``rec.outputs`` its tensor outputs, and
+    ``rec.kwargs["ctx"]`` the Function's ``ctx`` (saved tensors, attributes). It returns ``Edge(out, leaf, kind)``
+    like an ATen rule, so every semiring uses it (e.g. straight-through: ``Pointwise(1)`` from leaf 0 to output 0).
+    """
+    def register(fn: Rule) -> Rule:
+        for cls in function_classes:
+            if not (isinstance(cls, type) and issubclass(cls, torch.autograd.Function)):
+                raise TypeError(f"function_rule expects torch.autograd.Function subclasses, got {cls!r}")
+            if cls in FUNCTION_RULES and not replace:
+                raise ValueError(f"a rule for {cls.__qualname__} is already registered (pass replace=True)")
+            FUNCTION_RULES[cls] = fn
+        return fn
+
+    return register
+
+
 def functional_twin(op: torch._ops.OpOverload) -> torch._ops.OpOverload | None:
     """``aten.add_.Tensor`` -> ``aten.add.Tensor`` (None if there is no such overload)."""
     name = op._schema.name.split("::")[-1]
@@ -84,6 +106,8 @@ class RuleSet:
     overrides: dict = field(default_factory=dict)
 
     def lookup(self, op: torch._ops.OpOverload) -> Rule | None:
+        if isinstance(op, type):  # a custom autograd.Function recorded as one call
+            return self.overrides.get(op) or FUNCTION_RULES.get(op)
         for candidate in (op, functional_twin(op)):
             if candidate is None:
                 continue
