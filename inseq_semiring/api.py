@@ -108,7 +108,8 @@ def run(
     """Record ``fn(*inputs)`` (or reuse ``tape``) and sweep it once with the named semiring.
 
     ``model`` (optional): recorded module paths use its module names, and while recording it is put in eval mode
-    with eager attention (restored afterwards, also on error). ``backpointers``: keep every node's value and
+    (restored afterwards, also on error; fused SDPA attention is recorded as eager attention, see
+    :mod:`~inseq_semiring.decompositions.attention`). ``backpointers``: keep every node's value and
     back-pointers in ``result.trail`` (maxpath) for :mod:`~inseq_semiring.paths`. ``decomposition``: how composite
     operators are split into the graph's operators (``"aten"``, the default; ``"paper"``: Du et al.'s library;
     ``"primitive"``; see :mod:`~inseq_semiring.decompositions`). It changes flow, entropy and tensor-granularity

@@ -1,5 +1,7 @@
 """The user's model is left as it was: attention implementation, training flags, outputs; also after errors."""
 
+import types
+
 import pytest
 import torch
 import transformers
@@ -35,15 +37,33 @@ def test_attribution_restores_attention_and_training_flags():
     assert torch.equal(model(inputs_embeds=emb).logits, before)
 
 
-def test_attention_is_eager_inside_and_restored_after_an_exception():
+def test_sdpa_is_kept_inside_and_training_restored_after_an_exception():
     model = _gpt2().train()
     with pytest.raises(RuntimeError, match="boom"):
         with attribution_mode(model):
-            assert model.config._attn_implementation == "eager"
+            assert model.config._attn_implementation == "sdpa"  # decomposed at record time: no switch
             assert not model.training
             raise RuntimeError("boom")
     assert model.config._attn_implementation == "sdpa"
     assert model.training
+
+
+class _FlashModel(torch.nn.Module):
+    """A model whose attention implementation the recorder cannot decompose (a non-ATen kernel)."""
+
+    def __init__(self):
+        super().__init__()
+        self.config = types.SimpleNamespace(_attn_implementation="flash_attention_2")
+        self.lin = torch.nn.Linear(2, 2)
+
+
+def test_undecomposable_attention_is_switched_to_eager_and_back():
+    model = _FlashModel().train()
+    with pytest.raises(RuntimeError, match="boom"):
+        with attribution_mode(model):
+            assert model.config._attn_implementation == "eager"
+            raise RuntimeError("boom")
+    assert model.config._attn_implementation == "flash_attention_2" and model.training
 
 
 def test_error_midway_through_a_forward_leaves_the_model_usable():
@@ -64,8 +84,12 @@ def test_error_midway_through_a_forward_leaves_the_model_usable():
     torch.testing.assert_close(g, ref, rtol=1e-10, atol=1e-12)
 
 
-def test_fused_attention_without_the_model_gives_a_clear_error():
+def test_fused_attention_without_the_model_equals_autograd():
+    """The README's first example on a model loaded the default way (SDPA), without model=."""
     model = _gpt2().eval()
     emb = model.get_input_embeddings()(torch.tensor([[1, 2, 3]])).detach()
-    with pytest.raises(isr.UnsupportedOpError, match="scaled_dot_product.*attn_implementation='eager'"):
-        isr.semiring_backward(_root(model), emb, "gradient")
+    g, = isr.semiring_backward(_root(model), emb, "gradient")
+    e = emb.clone().requires_grad_(True)
+    ref, = torch.autograd.grad(_root(model)(e), e)
+    torch.testing.assert_close(g, ref, rtol=1e-10, atol=1e-12)
+    assert model.config._attn_implementation == "sdpa"

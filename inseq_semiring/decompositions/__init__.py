@@ -15,7 +15,9 @@ global patches.
 
 Built in (:data:`DECOMPOSITIONS`):
 
-* ``"aten"`` (default): operators as PyTorch dispatches them;
+* ``"aten"`` (default): operators as PyTorch dispatches them, except fused attention (``scaled_dot_product_attention``
+  and its CPU/CUDA kernels), which is recorded as eager attention's operators (:mod:`.attention`), so models loaded
+  with the default SDPA attention record as they are;
 * ``"paper"``: the operator graph of Du et al.'s library (brunoflow), see :mod:`.paper`;
 * ``"primitive"``: every composite kernel into element-wise operators and reductions, see :mod:`.primitive`.
 
@@ -102,7 +104,9 @@ def resolve(decomposition: "str | Decomposition | None") -> Decomposition:
                             "(inseq_semiring.decompositions.Decomposition)")
 
 
-ATEN = register_decomposition(Decomposition("aten"))
+from . import attention  # noqa: E402  (fused attention: in every table, see .attention)
+
+ATEN = register_decomposition(Decomposition("aten", attention.ENTRIES))
 
 from . import paper, primitive  # noqa: E402  (register the built-in tables)
 
