@@ -319,7 +319,7 @@ def test_step_scores_are_whole_graph_values(gpt2_model, bart_model):
     torch.testing.assert_close(seq.step_scores["semiring_top_path"], top, rtol=1e-6, atol=0)
     assert all(torch.isfinite(v).all() for v in seq.step_scores.values())
     assert (seq.step_scores["semiring_top_path"] > 0).all() and (seq.step_scores["semiring_total_flow"] > 0).all()
-    assert plugin._CACHE.tape is None  # the step's tape is released after the attribution
+    assert plugin._cache().tape is None  # the step's tape is released after the attribution
 
 
 # ------------------------------------------------------------------------------------------------------------------

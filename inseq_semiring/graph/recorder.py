@@ -2,7 +2,8 @@
 
 A private :class:`~torch.utils._python_dispatch.TorchDispatchMode` sees every ATen call below autograd. A call
 is recorded when one of its tensor arguments is a node; its floating outputs then become nodes with fresh ids.
-Module paths come from a stack kept by global forward hooks (removed on exit).
+Module paths come from a stack kept by forward hooks on the model's modules (global hooks without a model), which
+act for the recording thread only and are removed on exit.
 An operator listed in the call's :class:`~inseq_semiring.decompositions.Decomposition` is not run as itself when
 it reads a node: its decomposition runs inside the recorder, which records the smaller operators it calls.
 In-place operators are recorded functionally: the written tensor gets a new id, and every earlier record that
@@ -18,6 +19,7 @@ and custom ``autograd.Function`` calls are found in the root's autograd graph (:
 from __future__ import annotations
 
 import itertools
+import threading
 from contextlib import contextmanager
 from typing import Callable, Sequence
 
@@ -188,21 +190,36 @@ class _RecordingMode(TorchDispatchMode):
 
 
 @contextmanager
-def _module_stack(mode: _RecordingMode):
+def _module_stack(mode: _RecordingMode, model: torch.nn.Module | None):
+    """Keep ``mode.stack`` (the path of the module running now) with forward hooks that act for this thread only.
+
+    With ``model``, the hooks are registered on the model's own modules; without it, on every module (global hooks,
+    the only way to see modules of an unknown model). Either way a forward run by another thread (another
+    attribution, or the user's own work) never touches this recording's stack.
+    """
+    thread = threading.get_ident()
+
     def pre(module, _inputs):
-        mode.stack.append(mode.names.get(id(module), type(module).__name__))
+        if threading.get_ident() == thread:
+            mode.stack.append(mode.names.get(id(module), type(module).__name__))
 
     def post(module, _inputs, _output):
-        if mode.stack:
+        if threading.get_ident() == thread and mode.stack:
             mode.stack.pop()
 
-    h1 = torch.nn.modules.module.register_module_forward_pre_hook(pre)
-    h2 = torch.nn.modules.module.register_module_forward_hook(post)
+    if model is not None:
+        handles = []
+        for module in model.modules():
+            handles.append(module.register_forward_pre_hook(pre))
+            handles.append(module.register_forward_hook(post, always_call=True))
+    else:
+        handles = [torch.nn.modules.module.register_module_forward_pre_hook(pre),
+                   torch.nn.modules.module.register_module_forward_hook(post, always_call=True)]
     try:
         yield
     finally:
-        h1.remove()
-        h2.remove()
+        for handle in handles:
+            handle.remove()
 
 
 def _freeze(records: list[OpRecord]) -> None:
@@ -260,7 +277,7 @@ def record(
     input_ids = []
     for t in traced:
         input_ids.append(mode.track(t))
-    with torch.enable_grad(), _module_stack(mode), mode:
+    with torch.enable_grad(), _module_stack(mode, model), mode:
         root = fn(*traced)
     if not isinstance(root, torch.Tensor):
         raise TypeError(f"fn must return a tensor (the root), got {type(root).__name__}")

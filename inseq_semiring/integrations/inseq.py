@@ -46,6 +46,7 @@ from __future__ import annotations
 import logging
 import math
 import sys
+import threading
 import warnings
 import weakref
 from typing import Any
@@ -112,7 +113,19 @@ class _GraphCache:
                 pass
 
 
-_CACHE = _GraphCache()
+class _PerThread(threading.local):
+    """One graph cache per thread: an Inseq ``attribute`` call runs its steps and step functions on the calling
+    thread, so this is a cache per call, and concurrent calls (even on one model) never see each other's graphs."""
+
+    def __init__(self) -> None:
+        self.cache = _GraphCache()
+
+
+_CACHES = _PerThread()
+
+
+def _cache() -> _GraphCache:
+    return _CACHES.cache
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -167,7 +180,7 @@ class SemiringAttributionRegistry(GradientAttributionRegistry, Registry):
         try:
             return super().attribute(*args, **kwargs)
         finally:
-            _CACHE.clear()
+            _cache().clear()
 
     def attribute_step(self, attribute_fn_main_args: dict[str, Any], attribution_args: dict[str, Any] = {}):
         opts = self.check_options({k: v for k, v in attribution_args.items() if k in OPTION_NAMES}, self.options)
@@ -178,7 +191,7 @@ class SemiringAttributionRegistry(GradientAttributionRegistry, Registry):
                                               sign=opts["sign"], granularity=opts["granularity"], tape=tape,
                                               decomposition=None if tape is not None else opts["decomposition"])
         if shared is not None:
-            _CACHE.store(*shared, tape=result.tape,
+            _cache().store(*shared, tape=result.tape,
                          results={_result_key(self.semiring, opts): result} if self.semiring != "gradient" else {})
         per_input = tuple(self.per_token(result, i, opts) for i in range(len(inputs)))
         source, target = get_source_target_attributions(per_input, self.attribution_model.is_encoder_decoder)
@@ -209,8 +222,8 @@ class SemiringAttributionRegistry(GradientAttributionRegistry, Registry):
         target_ids = extra[pos[0] - 1]
         if not isinstance(target_ids, torch.Tensor) or target_ids.is_floating_point():
             return None, None
-        if _CACHE.lookup(model, inputs, target_ids):
-            return _CACHE.tape, None
+        if _cache().lookup(model, inputs, target_ids):
+            return _cache().tape, None
         return None, (model, inputs, target_ids)
 
 
@@ -332,13 +345,14 @@ def _graph_result(args, semiring: str):
     model = args.attribution_model
     inputs = _graph_inputs(args)
     key = _result_key(semiring)
-    if not _CACHE.lookup(model, inputs, args.target_ids):
-        _CACHE.store(model, inputs, args.target_ids, tape=None, owner=args.forward_output)
-    if key not in _CACHE.results:
-        result = run(_graph_root_fn(args), inputs, semiring, tape=_CACHE.tape, model=getattr(model, "model", None))
-        _CACHE.tape = result.tape
-        _CACHE.results[key] = result
-    return _CACHE.results[key]
+    cache = _cache()
+    if not cache.lookup(model, inputs, args.target_ids):
+        cache.store(model, inputs, args.target_ids, tape=None, owner=args.forward_output)
+    if key not in cache.results:
+        result = run(_graph_root_fn(args), inputs, semiring, tape=cache.tape, model=getattr(model, "model", None))
+        cache.tape = result.tape
+        cache.results[key] = result
+    return cache.results[key]
 
 
 def _batch_dims(t: torch.Tensor) -> tuple[int, ...]:
@@ -452,7 +466,7 @@ def unregister() -> None:
     for name in [n for n, c in vars(module).items() if isinstance(c, type) and _ours(c)]:
         delattr(module, name)
     _STATE["classes"] = None
-    _CACHE.clear()
+    _cache().clear()
     gc.collect()
 
 

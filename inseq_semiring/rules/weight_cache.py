@@ -13,6 +13,7 @@ float32 model). A weight larger than the limit is never cached.
 from __future__ import annotations
 
 import os
+import threading
 import weakref
 from collections import OrderedDict
 from contextlib import contextmanager
@@ -22,6 +23,7 @@ import torch
 
 _CACHE: OrderedDict = OrderedDict()
 _BYTES = [0]
+_LOCK = threading.Lock()  # concurrent sweeps share the (opt-in) cache
 
 
 def _limit() -> int:
@@ -41,36 +43,45 @@ def cached_map(w: torch.Tensor, f: Callable[[torch.Tensor], torch.Tensor]) -> to
     if limit <= 0 or size > limit:
         return f(w)
     key = (f, id(owner), w._version, tuple(w.shape), tuple(w.stride()), w.storage_offset(), w.dtype, w.device)
-    hit = _CACHE.get(key)
     stamp = _fingerprint(owner)
-    if hit is not None and hit[0]() is owner and hit[2] == stamp:
-        _CACHE.move_to_end(key)
-        return hit[1]
+    with _LOCK:
+        hit = _CACHE.get(key)
+        if hit is not None and hit[0]() is owner and hit[2] == stamp:
+            _CACHE.move_to_end(key)
+            return hit[1]
     out = f(w)
-    _CACHE[key] = (weakref.ref(owner), out, stamp)
-    _BYTES[0] += size
-    while _BYTES[0] > limit and _CACHE:
-        _, (_, old, _) = _CACHE.popitem(last=False)
-        _BYTES[0] -= old.numel() * old.element_size()
+    with _LOCK:
+        if key in _CACHE:
+            _BYTES[0] -= _CACHE[key][1].numel() * _CACHE[key][1].element_size()
+        _CACHE[key] = (weakref.ref(owner), out, stamp)
+        _BYTES[0] += size
+        while _BYTES[0] > limit and _CACHE:
+            _, (_, old, _) = _CACHE.popitem(last=False)
+            _BYTES[0] -= old.numel() * old.element_size()
     return out
 
 
-_SCOPE: list[dict] = []  # memo of fingerprints for the sweep in progress (a weight is read once per sweep)
+class _Scopes(threading.local):
+    def __init__(self) -> None:
+        self.stack: list[dict] = []  # memo of fingerprints for this thread's sweep in progress
+
+
+_SCOPES = _Scopes()
 
 
 @contextmanager
 def sweep_scope():
     """Fingerprint each weight at most once inside the block (one sweep: both maps of a weight share it)."""
-    _SCOPE.append({})
+    _SCOPES.stack.append({})
     try:
         yield
     finally:
-        _SCOPE.pop()
+        _SCOPES.stack.pop()
 
 
 def _fingerprint(t: torch.Tensor) -> tuple:
     """The sum of all values and a few values themselves: any realistic update of the weights changes them."""
-    memo = _SCOPE[-1] if _SCOPE else None
+    memo = _SCOPES.stack[-1] if _SCOPES.stack else None
     key = (id(t), t._version)
     if memo is not None and key in memo:
         return memo[key]
