@@ -59,6 +59,10 @@ def make_semiring(semiring: str, *, sign: str = "abs", granularity: str = "scala
 def _check_inputs(inputs) -> tuple[torch.Tensor, ...]:
     if isinstance(inputs, torch.Tensor):
         inputs = (inputs,)
+    if inputs is None or not isinstance(inputs, (tuple, list)):
+        raise InvalidInputError(f"inputs must be a tensor or a tuple/list of tensors, got {type(inputs).__name__}",
+                                where="semiring_backward(fn, inputs, ...)",
+                                fix="pass the tensor(s) to attribute to, e.g. the input embeddings")
     inputs = tuple(inputs)
     if not inputs:
         raise InvalidInputError("no inputs given", where="semiring_backward",

@@ -76,6 +76,9 @@ def _load_attribution_model(name: str, method: str, options: dict[str, str]):
     try:
         config = AutoConfig.from_pretrained(name)
     except (OSError, ValueError) as e:
+        if not os.path.isdir(name):
+            raise CLIError(f"no model folder '{name}' (and '{DEFAULT_MODEL}' is the embedded default); give a folder "
+                           "with a config.json or a Hugging Face model name available offline") from e
         raise CLIError(f"cannot load model {name!r}: {_one_line(e)}") from e
     _check_architecture(name, config)
     try:
@@ -229,6 +232,19 @@ def _print_top_path(ctx: AttributeContext) -> None:
               file=ctx.stream)
 
 
+def _check_outputs(args: argparse.Namespace, **flags: str) -> None:
+    """Every output path of the command (attribute name -> flag) is writable, before any model is loaded."""
+    from .output_files import OutputPathError, check_output_file
+
+    for attr, flag in flags.items():
+        path = getattr(args, attr, None)
+        if path:
+            try:
+                check_output_file(path, flag, overwrite=args.overwrite)
+            except OutputPathError as e:
+                raise CLIError(str(e)) from e
+
+
 def _cmd_paths(args: argparse.Namespace) -> int:
     """``paths``: the top-k gradient paths as text (``--full``: every operator) and, with ``--png``, a figure."""
     from .model_paths import find_top_paths
@@ -237,6 +253,7 @@ def _cmd_paths(args: argparse.Namespace) -> int:
     from .decompositions import resolve
 
     resolve(args.decomposition)  # fail before the (slow) model load
+    _check_outputs(args, png="--png")
     t0 = time.perf_counter()
     _say(f"loading model {args.model} ...")
     am = _load_attribution_model(args.model, "semiring_maxpath", {})
@@ -246,9 +263,11 @@ def _cmd_paths(args: argparse.Namespace) -> int:
                            decomposition=args.decomposition)
     print(found.to_text(full=args.full))
     if args.png:
+        from .output_files import atomic_output
         from .viz import save
 
-        save(found.figure(0), args.png)
+        with atomic_output(args.png) as tmp:
+            save(found.figure(0), tmp)
         _say(f"figure of path #1 saved to {args.png}")
     return 0
 
@@ -260,6 +279,7 @@ def _cmd_attribute(args: argparse.Namespace) -> int:
     from .integrations.inseq import register
 
     register()[args.method].check_options(options)  # fail before the (slow) model load
+    _check_outputs(args, save="--save")
     t0 = time.perf_counter()
     _say(f"loading model {args.model} ...")
     model = _load_attribution_model(args.model, args.method, options)
@@ -283,7 +303,10 @@ def _cmd_attribute(args: argparse.Namespace) -> int:
     if not args.no_step_scores:
         _print_top_path(ctx)
     if args.save:
-        out.save(args.save, overwrite=True)
+        from .output_files import atomic_output
+
+        with atomic_output(args.save) as tmp:
+            out.save(str(tmp), overwrite=True)
         _say(f"saved to {args.save}")
     return 0
 
@@ -331,6 +354,12 @@ def run_inseq_cli(argv: Sequence[str]) -> int:
 # ------------------------------------------------------------------------------------------------------------------
 # entry point
 # ------------------------------------------------------------------------------------------------------------------
+def _positive_int(text: str) -> int:
+    from .experiments._common import positive_int
+
+    return positive_int(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="inseq-semiring",
@@ -357,6 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="encoder-decoder models: also attribute the target prefix")
     att.add_argument("--no-step-scores", action="store_true", help="skip the whole-graph entropy and top path")
     att.add_argument("--save", default=None, metavar="PATH", help="save the Inseq attribution output (JSON)")
+    att.add_argument("--overwrite", action="store_true", help="replace an existing --save file")
     att.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     pth = sub.add_parser("paths", help="print (and plot) the top gradient paths into the first target token",
                          description="Decode the best gradient paths (maxpath semiring, scalar granularity) from the "
@@ -364,12 +394,13 @@ def build_parser() -> argparse.ArgumentParser:
     pth.add_argument("-m", "--model", default=DEFAULT_MODEL, help="'smollm2' (default) or a HF model name/folder")
     pth.add_argument("-i", "--input", default=DEFAULT_INPUT, help=f"input text (default: {DEFAULT_INPUT!r})")
     pth.add_argument("-t", "--target", default=DEFAULT_TARGET, help=f"target text (default: {DEFAULT_TARGET!r})")
-    pth.add_argument("-k", type=int, default=3, help="number of paths (default 3)")
+    pth.add_argument("-k", type=_positive_int, default=3, help="number of paths, >= 1 (default 3)")
     pth.add_argument("--sign", default="abs", choices=("abs", "positive", "negative"), help="maxpath sign")
     pth.add_argument("--decomposition", default=None,
                      help="operator graph: aten (default), paper (Du et al.'s library) or primitive")
     pth.add_argument("--full", action="store_true", help="list every operator of each path")
     pth.add_argument("--png", default=None, metavar="PATH", help="save a figure of the top path (layers x positions)")
+    pth.add_argument("--overwrite", action="store_true", help="replace an existing --png file")
     ins = sub.add_parser("inseq", help="run an Inseq command (attribute, attribute-dataset, attribute-context) with "
                                        "the plugin methods available", add_help=False)
     ins.add_argument("inseq_args", nargs=argparse.REMAINDER)

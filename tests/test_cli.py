@@ -134,7 +134,7 @@ def test_attribute_bad_input_is_one_line_and_exit_2(tiny_gpt2_dir, capsys, argv,
 def test_attribute_bad_model_is_one_line_and_exit_2(tmp_path, capsys):
     rc, _, err = _run(capsys, "attribute", "-m", str(tmp_path / "no-such-model"), "-q")
     assert rc == 2
-    _assert_one_line_error(err, "cannot load model")
+    _assert_one_line_error(err, f"no model folder '{tmp_path / 'no-such-model'}' (and 'smollm2' is the embedded default)")
     from transformers import BertConfig, BertForSequenceClassification
 
     folder = tmp_path / "bert-cls"

@@ -41,3 +41,14 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
     return value
+
+
+def output_folder(text: str) -> str:
+    """argparse type of ``--out``: a folder that exists or can be created (checked before any work)."""
+    from ..output_files import OutputPathError, check_output_folder
+
+    try:
+        check_output_folder(text, "--out")
+    except OutputPathError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text

@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ._common import output_dir, positive_int, torch_threads, with_overrides
+from ._common import output_dir, output_folder, positive_int, torch_threads, with_overrides
 from .. import viz
 from ..api import run as semiring_run
 from ..semirings.scaled import entropy_of, pooled_entropy
@@ -221,7 +221,7 @@ def _plots(summary: dict, cfg: FFOOMConfig, out: Path) -> list[str]:
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default="outputs/ffoom")
+    p.add_argument("--out", default="outputs/ffoom", type=output_folder)
     p.add_argument("--quick", action="store_true", help="reduced run (widths 4/16/64, 2 seeds)")
     p.add_argument("--threads", type=positive_int)
     p.add_argument("--n-examples", type=positive_int)

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from ._common import output_dir, positive_int, torch_threads, with_overrides
+from ._common import output_dir, output_folder, positive_int, torch_threads, with_overrides
 from .. import viz
 from ..api import run as semiring_run
 from ..components import BERT_SPLIT, component_readout
@@ -327,7 +327,7 @@ def _plots(summary: dict, out: Path) -> list[str]:
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default="outputs/ftro")
+    p.add_argument("--out", default="outputs/ftro", type=output_folder)
     p.add_argument("--quick", action="store_true", help="reduced run (one seed, 100 analysed sentences)")
     p.add_argument("--seeds", type=int, nargs="+", help="model seeds (default 0 1 2)")
     p.add_argument("--epochs", type=positive_int, help="at most this many epochs (default 150)")

@@ -54,7 +54,7 @@ from typing import Any, Sequence
 
 import torch
 
-from ._common import output_dir, positive_int, torch_threads, with_overrides
+from ._common import output_dir, output_folder, positive_int, torch_threads, with_overrides
 from .. import viz
 
 CONDITIONS = ("simple", "pp", "rc")
@@ -658,7 +658,7 @@ def _plots(summary: dict, out: Path, records: Sequence[dict]) -> list[str]:
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default="outputs/sva")
+    p.add_argument("--out", default="outputs/sva", type=output_folder)
     p.add_argument("--quick", action="store_true", help="10 analysed items (one per cell)")
     p.add_argument("--n", type=positive_int, help="number of analysed items (default 100; --quick: 10)")
     p.add_argument("--per-cell", type=positive_int, help="generated items per cell (default 30)")
