@@ -11,6 +11,9 @@
     Decodes the best gradient paths into the first target token, labelled by component (embedding, layer k
     attention query/key/value/output, MLP, norm, LM head), prints them and optionally draws the top one.
 
+``inseq-semiring build-kernels``
+    Builds the compiled CPU kernels now (``scripts/setup.sh`` runs it) instead of on first use.
+
 ``inseq-semiring inseq {attribute,attribute-dataset,attribute-context} ...`` (or directly
 ``inseq-semiring attribute-dataset ...`` / ``attribute-context ...``)
     Inseq's own commands, unchanged, with the plugin methods available (``-a semiring_maxpath``) and ``-m smollm2``
@@ -311,6 +314,25 @@ def _cmd_attribute(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_build_kernels(args: argparse.Namespace) -> int:
+    """``build-kernels``: build (or find in the cache) every compiled CPU kernel now, not on first use."""
+    from .kernels import maxtimes, rowcore, xlogx
+    from .kernels.extension import NO_EXT_ENV, _env_no_ext
+
+    if _env_no_ext():
+        _say(f"{NO_EXT_ENV}=1: the compiled kernels are not used; nothing to build")
+        return 0
+    for kernel in (maxtimes, rowcore, xlogx):
+        ext = kernel.EXTENSION
+        cached = ext.is_cached()
+        t0 = time.perf_counter()
+        ok = ext.load() is not None
+        state = ("in the cache" if cached else f"built in {time.perf_counter() - t0:.0f} s") if ok else \
+            "not available (the pure-PyTorch code will be used)"
+        _say(f"{ext.what} kernel: {state} ({ext.build_dir()[1]})")
+    return 0
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # pass-through to Inseq's CLI
 # ------------------------------------------------------------------------------------------------------------------
@@ -401,6 +423,10 @@ def build_parser() -> argparse.ArgumentParser:
     pth.add_argument("--full", action="store_true", help="list every operator of each path")
     pth.add_argument("--png", default=None, metavar="PATH", help="save a figure of the top path (layers x positions)")
     pth.add_argument("--overwrite", action="store_true", help="replace an existing --png file")
+    sub.add_parser("build-kernels", help="build the compiled CPU kernels now (otherwise built on first use)",
+                   description="Build (or find in the cache) the compiled max-times, layer-norm core and weight-map "
+                               "kernels. Without a C++ compiler, or with INSEQ_SEMIRING_NO_BUILD=1, nothing is built "
+                               "and the pure-PyTorch code is used.")
     ins = sub.add_parser("inseq", help="run an Inseq command (attribute, attribute-dataset, attribute-context) with "
                                        "the plugin methods available", add_help=False)
     ins.add_argument("inseq_args", nargs=argparse.REMAINDER)
@@ -435,6 +461,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_inseq_cli(passthrough)
         if args.command == "paths":
             return _cmd_paths(args)
+        if args.command == "build-kernels":
+            return _cmd_build_kernels(args)
         return _cmd_attribute(args)
     except KeyboardInterrupt:
         print("inseq-semiring: interrupted", file=sys.stderr)

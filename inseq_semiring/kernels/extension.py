@@ -1,10 +1,24 @@
-"""Build-on-first-use of a C++ CPU extension, with a per-CPU build cache and a one-time fallback warning."""
+"""Build-on-first-use of a C++ CPU extension, with a build cache keyed by everything that changes the build.
+
+* Before a compile starts, one line on stderr says so (``building the max-times kernel (one time, about a minute;
+  cached in ...)``); ``inseq-semiring build-kernels`` builds every kernel up front (``scripts/setup.sh`` runs it).
+* ``$INSEQ_SEMIRING_NO_BUILD=1`` never compiles (a kernel already in the cache is still loaded), and a machine
+  without a C++ compiler does not try: the pure-PyTorch code runs, after a one-line note.
+  ``$INSEQ_SEMIRING_NO_EXT=1`` skips the compiled kernels altogether.
+* The cache key holds the source, the compiler flags and compiler, torch's version, git revision, C++ ABI and install
+  location (its include paths), the Python executable and version, the machine and the CPU (``-march=native``); each
+  key is its own folder, so two environments sharing ``~/.cache/inseq_semiring/ext`` never rebuild each other's
+  kernels.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import os
 import platform
+import shutil
+import sys
+import sysconfig
 import threading
 import time
 import warnings
@@ -16,8 +30,39 @@ import torch
 NO_EXT_ENV = "INSEQ_SEMIRING_NO_EXT"
 
 
+#: Set to 1 to never compile (cached kernels are still used).
+NO_BUILD_ENV = "INSEQ_SEMIRING_NO_BUILD"
+_NOTED: set[str] = set()  # one note per reason and process
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
 def _env_no_ext() -> bool:
-    return os.environ.get(NO_EXT_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+    return _flag(NO_EXT_ENV)
+
+
+def _note(reason: str) -> None:
+    if reason not in _NOTED:
+        _NOTED.add(reason)
+        print(f"inseq-semiring: {reason}; using the pure-PyTorch kernels (slower, same values)", file=sys.stderr,
+              flush=True)
+
+
+def compiler() -> str | None:
+    """The C++ compiler torch's extension builder would use (``$CXX``, default ``c++``), or None if absent."""
+    return shutil.which(os.environ.get("CXX", "c++"))
+
+
+def environment_key() -> list[str]:
+    """Everything outside the source and flags that changes a build (see the module docstring)."""
+    from torch.utils import cpp_extension
+
+    return [torch.__version__, str(getattr(torch.version, "git_version", "")),
+            f"cxx11abi={int(torch._C._GLIBCXX_USE_CXX11_ABI)}", os.path.dirname(torch.__file__),
+            *cpp_extension.include_paths(), sysconfig.get_paths().get("include", ""), sys.executable,
+            platform.python_version(), platform.machine(), os.environ.get("CXX", "c++"), _cpu_model()]
 
 
 def _cpu_model() -> str:
@@ -59,10 +104,14 @@ class CompiledExtension:
         self._lock = threading.Lock()
 
     def build_dir(self) -> tuple[str, Path]:
-        key = "\n".join([self.source, " ".join(self.cflags), torch.__version__, platform.python_version(),
-                         platform.machine(), _cpu_model()])
+        key = "\n".join([self.source, " ".join(self.cflags), *environment_key()])
         name = f"inseq_semiring_{self.name}_{hashlib.sha256(key.encode()).hexdigest()[:16]}"
         return name, Path.home() / ".cache" / "inseq_semiring" / "ext" / name
+
+    def is_cached(self) -> bool:
+        """Whether a build for this environment is in the cache (loading it compiles nothing)."""
+        name, build_dir = self.build_dir()
+        return (build_dir / f"{name}.so").exists()
 
     def load(self, stacklevel: int = 2):
         """``stacklevel``: frames from this method to the user code, for the one-time warning."""
@@ -76,6 +125,17 @@ class CompiledExtension:
                 from torch.utils.cpp_extension import load_inline
 
                 name, build_dir = self.build_dir()
+                if not self.is_cached():
+                    if _flag(NO_BUILD_ENV):
+                        self.failed = True
+                        _note(f"{NO_BUILD_ENV}=1: the compiled kernels are not built")
+                        return None
+                    if compiler() is None:
+                        self.failed = True
+                        _note(f"no C++ compiler ({os.environ.get('CXX', 'c++')}) to build the compiled kernels")
+                        return None
+                    print(f"inseq-semiring: building the {self.what} kernel (one time, about a minute; cached in "
+                          f"{build_dir})", file=sys.stderr, flush=True)
                 build_dir.mkdir(parents=True, exist_ok=True)
                 self.module = load_inline(name=name, cpp_sources=[self.source], extra_cflags=self.cflags,
                                           build_directory=str(build_dir), verbose=False)

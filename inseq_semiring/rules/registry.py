@@ -141,7 +141,8 @@ class RuleSet:
                 where="inseq_semiring.rules (the rule table)",
                 fix="register a rule with @rule(aten.<op>.<overload>) in inseq_semiring/rules/<family>.py "
                 "returning Edge(out, leaf, Pointwise|Reduction|IndexMap|MatMul|RowDense) for each input, "
-                "or run the model so that it dispatches supported operators (e.g. attn_implementation='eager')",
+                "or run the model so that it dispatches supported operators (e.g. attn_implementation='eager'; with "
+                "model=..., attention implementations other than eager and sdpa are switched to eager for the call)",
             )
 
 
