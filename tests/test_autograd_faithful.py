@@ -211,3 +211,31 @@ def test_inference_mode_is_named():
     with torch.inference_mode():
         with pytest.raises(InvalidInputError, match=r"torch.inference_mode\(\)"):
             isr.semiring_backward(lambda x: torch.tanh(x).sum(), torch.randn(3), "gradient")
+
+
+class Quantiser(torch.nn.Module):
+    def forward(self, x):
+        return StraightThroughRound.apply(x * 4) / 4
+
+
+class TinyNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(3, 3)
+        self.quant = Quantiser()
+
+    def forward(self, x):
+        return torch.tanh(self.quant(self.lin(x))).sum()
+
+
+def test_custom_function_inside_a_submodule_is_located():
+    model = TinyNet()
+    with pytest.raises(UnsupportedOpError, match=r"model class TinyNet: .*StraightThroughRound \(in module 'quant'\)"):
+        isr.run(model, torch.randn(2, 3), "gradient", model=model)
+
+
+def test_custom_function_inside_a_submodule_with_a_rule_equals_autograd(registered):
+    model = TinyNet()
+    x = torch.randn(2, 3)
+    (g,) = isr.semiring_backward(model, x, "gradient", model=model)
+    torch.testing.assert_close(g, _autograd(model, x))

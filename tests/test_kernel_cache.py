@@ -79,7 +79,6 @@ def test_no_compiler_notes_and_falls_back(home, fake_builder, capsys, monkeypatc
 def _second_venv(root: Path) -> Path:
     """Another virtual environment with the same packages, at another path (what two venvs, or one checkout reached
     through two paths, look like to the build): its own bin/python and a site-packages that points to ours."""
-    import site
     import sysconfig
 
     env = root / "venv-b"
@@ -93,7 +92,6 @@ def _second_venv(root: Path) -> Path:
     target = env / purelib.relative_to(sys.prefix)
     target.parent.mkdir(parents=True)
     os.symlink(purelib, target)
-    assert site  # noqa: S101 (imported for clarity: site-packages is what the link replaces)
     return env / "bin" / "python"
 
 

@@ -1,10 +1,8 @@
 """Concurrent attributions give the sequential results and leave the model as the user had it. Each case is run
 many times (races are intermittent): the Inseq step-score cache, module-path labels, and model-state switching."""
 
-import copy
 import threading
 
-import pytest
 import torch
 import transformers
 

@@ -74,9 +74,9 @@ def attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
     return _matmul(probs, value)
 
 
-def _lse(query, out_heads=None):
-    shape = list(query.shape[:-1])
-    return torch.zeros(shape, dtype=torch.float32, device=query.device)
+def _lse(query):
+    """The kernels' log-sum-exp output ``(B, H, L)``, as a constant (nothing on the attribution path reads it)."""
+    return torch.zeros(list(query.shape[:-1]), dtype=torch.float32, device=query.device)
 
 
 def sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
