@@ -32,6 +32,7 @@ from ..kernels.maxtimes import max_times, min_times
 from ..rules.jacobians import IndexMap, LayerNormRow, MatMul, Pointwise, Reduction, RowDense
 from .base import Semiring, _dense_chunks, _first_extreme, _scatter_max, amax_to_shape, linear_pull, max_pull
 from .base import abs_weight
+from .signed_rows import fast_signed_rowdense
 
 SIGNS = ("abs", "positive", "negative")
 GRANULARITIES = ("scalar", "tensor")
@@ -252,21 +253,14 @@ def _signed_matmul(kind: MatMul, hi: Tensor, lo: Tensor):
         lo_v = lo_v.masked_fill(gone, float("inf"))
     partial = ~full & ~none
     if bool(partial.any()):
-        for b, s in partial.nonzero().tolist():
-            if kind.left:
-                rh, rl, rr = hi.reshape(-1, m, n)[b, s], lo.reshape(-1, m, n)[b, s], r3[b, s]  # [n]
-                cand_h, cand_l = _candidates(rh[:, None].expand(-1, w3.shape[-1]),
-                                             rl[:, None].expand(-1, w3.shape[-1]), w3[b])  # [n, k]
-                vh, ah = _first_extreme(cand_h.T, True)
-                vl, al = _first_extreme(cand_l.T, False)
-                hi_v[b, s], hi_a[b, s], lo_v[b, s], lo_a[b, s] = vh, ah, vl, al
-            else:
-                rh, rl = hi.reshape(-1, m, n)[b, :, s], lo.reshape(-1, m, n)[b, :, s]  # [m]
-                cand_h, cand_l = _candidates(rh[None, :].expand(w3.shape[-2], -1),
-                                             rl[None, :].expand(w3.shape[-2], -1), w3[b])  # [k, m]
-                vh, ah = _first_extreme(cand_h, True)
-                vl, al = _first_extreme(cand_l, False)
-                hi_v[b, :, s], hi_a[b, :, s], lo_v[b, :, s], lo_a[b, :, s] = vh, ah, vl, al
+        slices = partial.unsqueeze(-1) if kind.left else partial.unsqueeze(-2)
+        # An absent element entered both kernels (M+ and M-) as the candidate 0, so where it wins, the two kernels
+        # tie (at 0); a tie may also need the smaller index of the other kernel. Only ties are redone exactly.
+        redo_h = slices & (mx[0][0] == mx[1][0])
+        redo_l = slices & (mn[0][0] == mn[1][0])
+        h3, l3 = hi.reshape(-1, m, n), lo.reshape(-1, m, n)
+        for redo, largest, vals, args in ((redo_h, True, hi_v, hi_a), (redo_l, False, lo_v, lo_a)):
+            _exact_outputs(redo, largest, kind.left, h3, l3, w3, vals, args)
     bidx = torch.arange(bsz, device=hi.device).view(-1, 1, 1)
     if kind.left:
         rows = torch.arange(m, device=hi.device).view(1, -1, 1)
@@ -278,7 +272,37 @@ def _signed_matmul(kind: MatMul, hi: Tensor, lo: Tensor):
     return hi_v.reshape(shape), to_flat(hi_a).reshape(shape), lo_v.reshape(shape), to_flat(lo_a).reshape(shape)
 
 
+def _exact_outputs(redo: Tensor, largest: bool, left: bool, h3: Tensor, l3: Tensor, w3: Tensor, vals: Tensor,
+                   args: Tensor) -> None:
+    """Recompute the signed max (min) and its first argument at the outputs ``redo`` of a matrix product from the
+    masked candidates (absent elements offer nothing), in place; gathered in bounded chunks."""
+    where = redo.nonzero()
+    if where.numel() == 0:
+        return
+    length = h3.shape[-1] if left else h3.shape[-2]
+    step = max(1, _CHUNK // max(1, length))
+    for start in range(0, where.shape[0], step):
+        b, x, y = where[start:start + step].unbind(-1)
+        if left:  # out [b, x = row, y = k] over c: a[b, x, :] and w[b, :, y]
+            rh, rl, w = h3[b, x], l3[b, x], w3[b, :, y]
+        else:  # out [b, x = k, y = column] over r: a[b, :, y] and w[b, x, :]
+            rh, rl, w = h3[b, :, y], l3[b, :, y], w3[b, x, :]
+        cand_h, cand_l = _candidates(rh, rl, w)
+        v, a = _first_extreme(cand_h if largest else cand_l, largest)
+        vals[b, x, y], args[b, x, y] = v, a
+
+
+_CHUNK = 1 << 22
+
+
 def _signed_rowdense(kind: RowDense | LayerNormRow, hi: Tensor, lo: Tensor):
+    """Rank-one rows and layer norm without the dense Jacobian (:mod:`.signed_rows`); others densely."""
+    fast = fast_signed_rowdense(kind, hi, lo)
+    return fast if fast is not None else _signed_rowdense_dense(kind, hi, lo)
+
+
+def _signed_rowdense_dense(kind: RowDense | LayerNormRow, hi: Tensor, lo: Tensor):
+    """The reference: every candidate ``J_ij M_i`` of the dense ``J`` (chunks of rows)."""
     n = kind.in_shape[-1]
     fh, fl = hi.reshape(-1, n), lo.reshape(-1, n)
     out_h = torch.full_like(fh, float("-inf"))
