@@ -12,8 +12,12 @@ offers anything). Used by the signed max-path semiring for ``J = diag(gain) C``,
 Backends: ``"cpp"`` (float32 / float64 CPU; compiled on first use like :mod:`~inseq_semiring.kernels.rowcore`,
 whose pair walk and tie order it follows: output ``j`` sees ``i < j`` in the outer loop with strict compares, then
 the diagonal, then ``i > j`` as lane-wise extremes reduced towards the smaller index) and ``"torch"`` (dense ``C``
-for chunks of rows; any device and floating dtype). ``C_ij`` is ``-(1 + xh_i xh_j) / n`` with one fma off the
+for chunks of rows; any device and floating dtype). ``C_ij`` is ``(1 + xh_i xh_j) * (-1 / n)`` off the
 diagonal and ``(n - 1 - xh_i^2) / n`` in float64 on it, in both.
+
+:func:`signed_rank1_pull` is the C++ walk for rank-one rows ``J = diag(d) + u v^T`` (softmax, log-softmax): the
+formulas of :func:`~inseq_semiring.semirings.signed_rows.signed_rank1`, whose torch code is the other backend, in
+two O(n) passes per row.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from torch import Tensor
 from .extension import CompiledExtension, _env_no_ext
 from .vecmath import VECMATH_CPP
 
-__all__ = ["signed_core_pull", "active_backend"]
+__all__ = ["signed_core_pull", "signed_rank1_pull", "active_backend"]
 
 _TORCH_CHUNK_ELEMS = 1 << 20
 
@@ -165,6 +169,65 @@ static void row_signed(const T* x, const T* pmax, const T* pmin, int64_t n, T* o
   }
 }
 
+// One rank-one row, J = diag(d) + u v^T: pass 1 finds the best / second-best T+_i = max(u_i M+_i, u_i M-_i), the
+// smallest / second-smallest T-_i and the first two reachable i (ties: the smaller i, by strict compares in
+// increasing i); pass 2 gives every j its best off-diagonal offer and compares the diagonal one.
+template <typename T>
+static void row_rank1(const T* d, const T* u, const T* v, const T* h, const T* l, int64_t n, T* oh, int64_t* ih,
+                      T* ol, int64_t* il) {
+  const T inf = std::numeric_limits<T>::infinity();
+  T b1 = -inf, b2 = -inf, s1 = inf, s2 = inf;
+  int64_t a1 = 0, a2 = 0, c1 = 0, c2 = 0, r1 = -1, r2 = -1, cnt = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    if (!std::isfinite(h[i])) continue;
+    ++cnt;
+    if (r1 < 0) r1 = i;
+    else if (r2 < 0) r2 = i;
+    const T th = u[i] * h[i], tl = u[i] * l[i];
+    const T tx = tl > th ? tl : th, tn = tl < th ? tl : th;
+    if (tx > b1) {
+      b2 = b1; a2 = a1; b1 = tx; a1 = i;
+    } else if (tx > b2) {
+      b2 = tx; a2 = i;
+    }
+    if (tn < s1) {
+      s2 = s1; c2 = c1; s1 = tn; c1 = i;
+    } else if (tn < s2) {
+      s2 = tn; c2 = i;
+    }
+  }
+  for (int64_t j = 0; j < n; ++j) {
+    const bool rj = std::isfinite(h[j]);
+    T offh = -inf, offl = inf;
+    int64_t aoh = j, aol = j;
+    if (cnt - (rj ? 1 : 0) > 0 && n > 1) {
+      const T bx = j == a1 ? b2 : b1, bn = j == c1 ? s2 : s1;
+      const int64_t ax = j == a1 ? a2 : a1, an = j == c1 ? c2 : c1, fr = j == r1 ? r2 : r1;
+      const T vj = v[j];
+      if (vj > T(0)) {
+        offh = vj * bx; aoh = ax; offl = vj * bn; aol = an;
+      } else if (vj < T(0)) {
+        offh = vj * bn; aoh = an; offl = vj * bx; aol = ax;
+      } else {
+        offh = offl = vj * T(0); aoh = aol = fr;
+      }
+    }
+    T dh = -inf, dl = inf;
+    if (rj) {
+      const T jd = d[j] + u[j] * v[j];  // as the dense Jacobian has it (no fma: -ffp-contract=off)
+      const T e1 = jd * h[j], e2 = jd * l[j];
+      dh = e2 > e1 ? e2 : e1;
+      dl = e2 < e1 ? e2 : e1;
+    }
+    const bool take_h = dh > offh || (dh == offh && j < aoh) || cnt == 0;
+    const bool take_l = dl < offl || (dl == offl && j < aol) || cnt == 0;
+    oh[j] = take_h ? dh : offh;
+    ih[j] = take_h ? j : aoh;
+    ol[j] = take_l ? dl : offl;
+    il[j] = take_l ? j : aol;
+  }
+}
+
 }  // namespace
 
 #include <torch/extension.h>
@@ -199,18 +262,49 @@ std::vector<torch::Tensor> signed_core_pull_cpu(torch::Tensor xh, torch::Tensor 
   return {vh, ih, vl, il};
 }
 
+std::vector<torch::Tensor> signed_rank1_pull_cpu(torch::Tensor d, torch::Tensor u, torch::Tensor v, torch::Tensor h,
+                                                 torch::Tensor l) {
+  for (const auto* t : {&d, &u, &v, &h, &l}) {
+    TORCH_CHECK(t->dim() == 2 && t->sizes() == d.sizes() && t->is_contiguous() && t->device().is_cpu() &&
+                    t->scalar_type() == d.scalar_type(),
+                "signed_rank1_pull_cpu: five contiguous 2-D CPU tensors of one shape and dtype");
+  }
+  auto oh = torch::empty_like(d), ol = torch::empty_like(d);
+  auto ih = torch::empty(d.sizes(), d.options().dtype(torch::kInt64)), il = torch::empty_like(ih);
+  const int64_t R = d.size(0), n = d.size(1);
+  if (d.numel() == 0) return {oh, ih, ol, il};
+  int64_t* IH = ih.data_ptr<int64_t>();
+  int64_t* IL = il.data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES(d.scalar_type(), "signed_rank1_pull_cpu", [&] {
+    const scalar_t *D = d.data_ptr<scalar_t>(), *U = u.data_ptr<scalar_t>(), *V = v.data_ptr<scalar_t>();
+    const scalar_t *H = h.data_ptr<scalar_t>(), *L = l.data_ptr<scalar_t>();
+    scalar_t* OH = oh.data_ptr<scalar_t>();
+    scalar_t* OL = ol.data_ptr<scalar_t>();
+    at::parallel_for(0, R, 1, [&](int64_t beg, int64_t end) {
+      for (int64_t r = beg; r < end; ++r) {
+        const int64_t o = r * n;
+        row_rank1<scalar_t>(D + o, U + o, V + o, H + o, L + o, n, OH + o, IH + o, OL + o, IL + o);
+      }
+    });
+  });
+  return {oh, ih, ol, il};
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
+  mod.def("signed_rank1_pull_cpu", &signed_rank1_pull_cpu, "signed max/min pulls through diag(d) + u v^T rows",
+          pybind11::arg("d"), pybind11::arg("u"), pybind11::arg("v"), pybind11::arg("h"), pybind11::arg("l"),
+          pybind11::call_guard<pybind11::gil_scoped_release>());
   mod.def("signed_core_pull_cpu", &signed_core_pull_cpu, "signed max/min pulls through the layer-norm core",
           pybind11::arg("xh"), pybind11::arg("pmax"), pybind11::arg("pmin"),
           pybind11::call_guard<pybind11::gil_scoped_release>());
 }
 """
 
-# -ffp-contract=fast: 1 + xh_i xh_j is one fma, as in the layer-norm |core| kernel. No -ffast-math: NaN offers
-# must lose every strict compare.
-_EXT_CFLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=fast"]
+# -ffp-contract=off: every product and sum rounded on its own, as torch's elementwise ops do (the rank-one diagonal
+# d + u v must equal the dense Jacobian's). No -ffast-math: NaN offers must lose every strict compare.
+_EXT_CFLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=off"]
 
-EXTENSION = CompiledExtension("signed_rowcore", _CPP_KERNEL, _EXT_CFLAGS, "signed layer-norm core")
+EXTENSION = CompiledExtension("signed_rowcore", _CPP_KERNEL, _EXT_CFLAGS, "signed row-dense")
 
 
 def active_backend(device: str | torch.device = "cpu") -> str:
@@ -253,6 +347,34 @@ def _torch_pull(xh: Tensor, pmax: Tensor, pmin: Tensor) -> tuple[Tensor, Tensor,
     return vh, ih, vl, il
 
 
+def _extension(device: torch.device, dtype: torch.dtype, backend: str | None, fname: str):
+    if backend not in (None, "cpp", "torch"):
+        raise ValueError(f"{fname}: backend must be None, 'cpp' or 'torch', got {backend!r}")
+    ext = None
+    if backend in (None, "cpp") and device.type == "cpu" and dtype in (torch.float32, torch.float64) \
+            and not _env_no_ext():
+        ext = EXTENSION.load(stacklevel=4)
+    if backend == "cpp" and ext is None:
+        raise RuntimeError(f"{fname}: the C++ backend is not available for {device}/{dtype}")
+    return ext
+
+
+def signed_rank1_pull(d: Tensor, u: Tensor, v: Tensor, hi: Tensor, lo: Tensor):
+    """The C++ rank-one walk (``[*rows, n]`` each; ``u``, ``v`` the single rank-one factors): ``(hi', in-row
+    argmax, lo', in-row argmin)``, or None where the C++ backend does not apply (the caller uses torch code)."""
+    dtype = hi.dtype
+    if any(t.dtype != dtype for t in (d, u, v, lo)):
+        return None
+    ext = _extension(hi.device, dtype, None, "signed_rank1_pull")
+    if ext is None:
+        return None
+    n = hi.shape[-1]
+    flat = [t.detach().expand(hi.shape).reshape(-1, n).contiguous() for t in (d, u, v, hi, lo)]
+    with torch.no_grad():
+        out = ext.signed_rank1_pull_cpu(*flat)
+    return tuple(t.reshape(hi.shape) for t in out)
+
+
 def signed_core_pull(xh: Tensor, pmax: Tensor, pmin: Tensor, *, _backend: str | None = None):
     """``(hi, arg_hi, lo, arg_lo)``, each ``[*rows, n]`` (see the module docstring); ``_backend``: ``None`` (automatic),
     ``"cpp"`` or ``"torch"`` (tests and benchmarks)."""
@@ -260,14 +382,7 @@ def signed_core_pull(xh: Tensor, pmax: Tensor, pmin: Tensor, *, _backend: str | 
     n = shape[-1]
     dtype = torch.promote_types(xh.dtype, pmax.dtype)
     x2, px, pn = (t.detach().to(dtype).reshape(-1, n).contiguous() for t in (xh, pmax, pmin))
+    ext = _extension(x2.device, dtype, _backend, "signed_core_pull")
     with torch.no_grad():
-        ext = None
-        if _backend in (None, "cpp") and x2.device.type == "cpu" and dtype in (torch.float32, torch.float64) \
-                and not _env_no_ext():
-            ext = EXTENSION.load()
-        if _backend == "cpp" and ext is None:
-            raise RuntimeError(f"signed_core_pull: the C++ backend is not available for {x2.device}/{dtype}")
-        if _backend not in (None, "cpp", "torch"):
-            raise ValueError(f"signed_core_pull: backend must be None, 'cpp' or 'torch', got {_backend!r}")
         out = ext.signed_core_pull_cpu(x2, px, pn) if ext is not None else _torch_pull(x2, px, pn)
     return tuple(t.reshape(shape) for t in out)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..kernels.signed_rowcore import signed_core_pull
+from ..kernels.signed_rowcore import signed_core_pull, signed_rank1_pull
 from ..rules.jacobians import LayerNormRow, RowDense
 from .base import _first_extreme
 
@@ -44,10 +44,16 @@ def _off_diagonal(t: Tensor, largest: bool, pos: Tensor) -> tuple[Tensor, Tensor
     return torch.where(own, b2, b1), torch.where(own, a2, a1)
 
 
-def signed_rank1(kind: RowDense, hi: Tensor, lo: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``(M+', flat argmax, M-', flat argmin)`` through ``J = diag(d) + u v^T`` (rank one, weights as they are)."""
+def signed_rank1(kind: RowDense, hi: Tensor, lo: Tensor, backend: str | None = None):
+    """``(M+', flat argmax, M-', flat argmin)`` through ``J = diag(d) + u v^T`` (rank one, weights as they are).
+    CPU float32/float64: the C++ walk (:func:`~inseq_semiring.kernels.signed_rowcore.signed_rank1_pull`) unless
+    ``backend="torch"``; this function's torch code otherwise."""
     n = hi.shape[-1]
     u, v, d = kind.u[0], kind.v[0], kind.d
+    rows = torch.arange(hi.numel() // n, device=hi.device).reshape(hi.shape[:-1]).unsqueeze(-1) * n
+    fast = signed_rank1_pull(d, u, v, hi, lo) if backend != "torch" else None
+    if fast is not None:
+        return fast[0], rows + fast[1], fast[2], rows + fast[3]
     reach = torch.isfinite(hi)
     h = torch.where(reach, hi, torch.zeros_like(hi))
     l = torch.where(reach, lo, torch.zeros_like(lo))
@@ -77,7 +83,6 @@ def signed_rank1(kind: RowDense, hi: Tensor, lo: Tensor) -> tuple[Tensor, Tensor
     diag_lo = torch.where(reach, torch.minimum(c1, c2), inf)
     take_hi = (diag_hi > off_hi) | ((diag_hi == off_hi) & (pos < arg_hi)) | ~reach.any(-1, keepdim=True)
     take_lo = (diag_lo < off_lo) | ((diag_lo == off_lo) & (pos < arg_lo)) | ~reach.any(-1, keepdim=True)
-    rows = torch.arange(hi.numel() // n, device=hi.device).reshape(hi.shape[:-1]).unsqueeze(-1) * n
     out_hi = torch.where(take_hi, diag_hi, off_hi)
     out_lo = torch.where(take_lo, diag_lo, off_lo)
     return out_hi, rows + torch.where(take_hi, pos, arg_hi), out_lo, rows + torch.where(take_lo, pos, arg_lo)
