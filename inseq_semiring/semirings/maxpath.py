@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from ..errors import InvalidInputError
-from ..kernels.maxtimes import max_times, min_times
+from ..kernels.maxtimes import max_times
 from ..rules.jacobians import IndexMap, LayerNormRow, MatMul, Pointwise, Reduction, RowDense
 from .base import Semiring, _dense_chunks, _first_extreme, _scatter_max, amax_to_shape, linear_pull, max_pull
 from .base import abs_weight
@@ -115,6 +115,8 @@ class MaxPath(Semiring):
         a, b = self._settle(a), self._settle(b)
         fa, fb, top = _align(a, b)
         ah, bh = a.hi * fa, b.hi * fb
+        if self.signed and not self.backpointers:  # the same values, no masks
+            return _renormalise(MaxValue(torch.maximum(ah, bh), torch.minimum(a.lo * fa, b.lo * fb), top))
         take_b = bh > ah
         hi = torch.where(take_b, bh, ah)
         hi_src = _select_src(take_b, b.hi_src, a.hi_src)
@@ -206,10 +208,10 @@ def _candidates(hi: Tensor, lo: Tensor, w) -> tuple[Tensor, Tensor]:
         if w == 1:
             return hi, lo
         return (hi * w, lo * w) if w > 0 else (lo * w, hi * w)  # -inf * w stays absent (-inf), +inf likewise
-    reach = torch.isfinite(hi)
-    if bool(reach.all()):
+    if _all_finite(hi):
         c1, c2 = hi * w, lo * w
         return torch.maximum(c1, c2), torch.minimum(c1, c2)
+    reach = torch.isfinite(hi)
     h = torch.where(reach, hi, torch.zeros_like(hi))
     l = torch.where(reach, lo, torch.zeros_like(lo))
     c1, c2 = h * w, l * w
@@ -245,15 +247,21 @@ def _signed_pull(kind, hi: Tensor, lo: Tensor, index: bool = True):
     raise TypeError(f"unknown Jacobian kind {type(kind).__name__}")
 
 
-def _both(product, x: Tensor, y: Tensor, dim: int, index: bool):
-    """``product`` of ``x`` and of ``y`` (stacked along ``dim``, one kernel call): ``[(values, args), (values, args)]``
-    (args None unless ``index``)."""
-    out = product(torch.cat([x, y], dim), index)
+def _extremes(product, h: Tensor, l: Tensor, dim: int, index: bool):
+    """Max- and min-times of ``h`` and of ``l`` in ONE kernel call (the weight is streamed once):
+    ``[h, l, -h, -l]`` stacked along ``dim``, with ``min_c x_c w_c = -max_c (-x_c) w_c`` (negation is exact, so the
+    values and the first arguments are those of min-times). Returns ``mx, mn``: ``[(values, args)] * 2`` each (args
+    None unless ``index``)."""
+    out = product(torch.cat([h, l, -h, -l], dim), index)
     vals, args = out if index else (out, None)
-    split = x.shape[dim]
-    vx, vy = vals.split(split, dim)
-    ax, ay = args.split(split, dim) if index else (None, None)
-    return [(vx, ax), (vy, ay)]
+    v = vals.split(h.shape[dim], dim)
+    a = args.split(h.shape[dim], dim) if index else (None,) * 4
+    return [(v[0], a[0]), (v[1], a[1])], [(-v[2], a[2]), (-v[3], a[3])]
+
+
+def _all_finite(x: Tensor) -> bool:
+    """Every element finite (no absent element): two reductions (a NaN fails both compares)."""
+    return not x.numel() or bool((x.amin() > float("-inf")) & (x.amax() < float("inf")))
 
 
 def _merge(mx, mn, index: bool):
@@ -269,33 +277,40 @@ def _signed_matmul_rows(kind: MatMul, hi: Tensor, lo: Tensor, index: bool):
     w = kind.weight  # [n, k]
     n, k = w.shape
     fh, fl = hi.reshape(-1, n), lo.reshape(-1, n)
-    reach = torch.isfinite(fh)
-    live = reach.any(-1)
-    n_live = int(live.sum())
+    everywhere = _all_finite(fh)
+    reach = None if everywhere else torch.isfinite(fh)
+    live = None if everywhere else reach.any(-1)
+    n_live = fh.shape[0] if everywhere else int(live.sum())
     all_live = n_live == fh.shape[0]
-    out_h = fh.new_full((fh.shape[0], k), float("-inf"))
-    out_l = fh.new_full((fh.shape[0], k), float("inf"))
-    arg_h = torch.zeros((fh.shape[0], k), dtype=torch.long, device=hi.device) if index else None
-    arg_l = torch.zeros_like(arg_h) if index else None
+    if everywhere:
+        out_h = out_l = arg_h = arg_l = None
+    else:
+        out_h = fh.new_full((fh.shape[0], k), float("-inf"))
+        out_l = fh.new_full((fh.shape[0], k), float("inf"))
+        arg_h = torch.zeros((fh.shape[0], k), dtype=torch.long, device=hi.device) if index else None
+        arg_l = torch.zeros_like(arg_h) if index else None
     if n_live:
         sel = slice(None) if all_live else live
-        rh, rl, rr = fh[sel], fl[sel], reach[sel]
-        if not bool(rr.all()):
+        rh, rl = fh[sel], fl[sel]
+        rr = None if everywhere else reach[sel]
+        if rr is not None and not bool(rr.all()):
             rh, rl = rh.masked_fill(~rr, 0), rl.masked_fill(~rr, 0)
-        mx = _both(lambda x, i: max_times(x, w, argmax=i), rh, rl, 0, index)
-        mn = _both(lambda x, i: min_times(x, w, argmax=i), rh, rl, 0, index)
+        mx, mn = _extremes(lambda x, i: max_times(x, w, argmax=i), rh, rl, 0, index)
         hi_v, hi_a, lo_v, lo_a = _merge(mx, mn, index)
-        partial = ~rr.all(-1)
-        if bool(partial.any()):  # see _signed_matmul
+        partial = None if rr is None else ~rr.all(-1)
+        if partial is not None and bool(partial.any()):  # see _signed_matmul
             slices = partial.unsqueeze(-1)
             h3, l3, w3 = fh[sel].unsqueeze(0), fl[sel].unsqueeze(0), w.unsqueeze(0)
             for redo, largest, vals, args in ((slices & (mx[0][0] == mx[1][0]), True, hi_v, hi_a),
                                               (slices & (mn[0][0] == mn[1][0]), False, lo_v, lo_a)):
                 _exact_outputs(redo.unsqueeze(0), largest, True, h3, l3, w3, vals.unsqueeze(0),
                                None if args is None else args.unsqueeze(0))
-        out_h[sel], out_l[sel] = hi_v, lo_v
-        if index:
-            arg_h[sel], arg_l[sel] = hi_a, lo_a
+        if everywhere:
+            out_h, out_l, arg_h, arg_l = hi_v, lo_v, hi_a, lo_a
+        else:
+            out_h[sel], out_l[sel] = hi_v, lo_v
+            if index:
+                arg_h[sel], arg_l[sel] = hi_a, lo_a
     shape = kind.in_shape
     if not index:
         return out_h.reshape(shape), None, out_l.reshape(shape), None
@@ -306,25 +321,23 @@ def _signed_matmul_rows(kind: MatMul, hi: Tensor, lo: Tensor, index: bool):
 def _signed_matmul(kind: MatMul, hi: Tensor, lo: Tensor, index: bool = True):
     """Signed max/min-times. Absent elements enter the kernels as 0; partly reachable slices are then fixed exactly
     where that can matter."""
-    reach = torch.isfinite(hi)
-    all_reach = bool(reach.all())
+    all_reach = _all_finite(hi)
+    reach = torch.isfinite(hi) if not all_reach else None
     h = hi if all_reach else torch.where(reach, hi, torch.zeros_like(hi))
     l = lo if all_reach else torch.where(reach, lo, torch.zeros_like(lo))
     w = kind.weight
     m, n = kind.mat_out[-2:]
     a_h = h.reshape(-1, m, n)
     a_l = l.reshape(-1, m, n)
-    r3 = reach.reshape(-1, m, n)
     bsz = a_h.shape[0]
     w3 = w.reshape(-1, *w.shape[-2:]).expand(bsz, -1, -1) if w.dim() > 2 else w.expand(bsz, -1, -1)
-    if kind.left:  # out [B, m, k] over c (dim -1 of a); h and l stacked along m
-        mx = _both(lambda x, i: max_times(x, w3, argmax=i), a_h, a_l, 1, index)
-        mn = _both(lambda x, i: min_times(x, w3, argmax=i), a_h, a_l, 1, index)
-    else:  # out [B, k, n] over r (dim -2 of a); h and l stacked along n
-        mx = _both(lambda x, i: max_times(w3, x, argmax=i), a_h, a_l, 2, index)
-        mn = _both(lambda x, i: min_times(w3, x, argmax=i), a_h, a_l, 2, index)
+    if kind.left:  # out [B, m, k] over c (dim -1 of a); stacked along m
+        mx, mn = _extremes(lambda x, i: max_times(x, w3, argmax=i), a_h, a_l, 1, index)
+    else:  # out [B, k, n] over r (dim -2 of a); stacked along n
+        mx, mn = _extremes(lambda x, i: max_times(w3, x, argmax=i), a_h, a_l, 2, index)
     hi_v, hi_a, lo_v, lo_a = _merge(mx, mn, index)
     if not all_reach:
+        r3 = reach.reshape(-1, m, n)
         # slices (rows of a for left, columns for right): all absent -> absent; partly absent -> fixed exactly
         full = r3.all(-1) if kind.left else r3.all(-2)  # [B, m] or [B, n]
         none = ~(r3.any(-1) if kind.left else r3.any(-2))
