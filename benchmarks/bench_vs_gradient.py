@@ -9,6 +9,9 @@ and the whole process's peak (model weights included). By default constant weigh
 ``-|W| log |W|``) block by block inside each pull and nothing is kept between calls; the last columns time the opt-in
 cache of whole mapped weights (``INSEQ_SEMIRING_WEIGHT_CACHE_MB=3072``, warm) and give its size.
 
+The signed max-path rows (``sign="positive"`` / ``"negative"``, scalar, and tensor granularity with back-pointers)
+have no target against the gradient; their target is against the abs mode (``benchmarks/bench_signed_maxpath.py``).
+
     python benchmarks/bench_vs_gradient.py [--tokens 16 64 256] [--layers 12] [--repeats 3] [--threads 1]
 """
 
@@ -26,7 +29,14 @@ from contextlib import contextmanager
 
 import torch
 
-METHODS = [("gradient", {}), ("flow", {}), ("entropy", {}), ("maxpath", {"sign": "abs"})]
+#: (row label, semiring, options)
+METHODS = [("gradient", "gradient", {}), ("flow", "flow", {}), ("entropy", "entropy", {}),
+           ("maxpath", "maxpath", {"sign": "abs"}),
+           ("maxpath positive", "maxpath", {"sign": "positive"}), ("maxpath negative", "maxpath", {"sign": "negative"}),
+           ("maxpath positive, tensor + back-pointers", "maxpath",
+            {"sign": "positive", "granularity": "tensor", "backpointers": True}),
+           ("maxpath negative, tensor + back-pointers", "maxpath",
+            {"sign": "negative", "granularity": "tensor", "backpointers": True})]
 TARGETS = {"gradient": 1.5, "flow": 2.5, "entropy": 3.0, "maxpath": 5.0}
 
 
@@ -60,8 +70,8 @@ def one_call(name: str, model, root, emb):
     if name == "autograd":
         e = emb.clone().requires_grad_(True)
         return torch.autograd.grad(root(e), e)[0]
-    opts = dict(METHODS)[name]
-    return isr.semiring_backward(root, emb, name, **opts)[0]
+    semiring, opts = {label: (ring, o) for label, ring, o in METHODS}[name]
+    return isr.run(root, emb, semiring, **opts).values[0]
 
 
 def timed(fn, device: str, repeats: int) -> float:
@@ -172,14 +182,14 @@ def main() -> None:
     os.environ.pop("INSEQ_SEMIRING_WEIGHT_CACHE_MB", None)
     for tokens in args.tokens:
         root, emb = make_call(model, tokens, args.device)
-        for name in ["autograd"] + [m for m, _ in METHODS]:
+        for name in ["autograd"] + [m for m, _, _ in METHODS]:
             one_call(name, model, root, emb)  # warm-up (kernel build, allocator)
         base = timed(lambda: one_call("autograd", model, root, emb), args.device, args.repeats)
         mem = {}
         if not args.no_memory:
-            for name in ["autograd"] + [m for m, _ in METHODS]:
+            for name in ["autograd"] + [m for m, _, _ in METHODS]:
                 mem[name] = peak_memory(name, tokens, args.layers, args.device, args.threads)
-        for name in ["autograd"] + [m for m, _ in METHODS]:
+        for name in ["autograd"] + [m for m, _, _ in METHODS]:
             call = lambda n=name: one_call(n, model, root, emb)  # noqa: E731
             t = base if name == "autograd" else timed(call, args.device, args.repeats)
             cached = ["-"] * 3

@@ -28,10 +28,11 @@ import torch
 from torch import Tensor
 
 from ..errors import InvalidInputError
-from ..kernels.maxtimes import max_times, min_times
+from ..kernels.maxtimes import max_times
 from ..rules.jacobians import IndexMap, LayerNormRow, MatMul, Pointwise, Reduction, RowDense
 from .base import Semiring, _dense_chunks, _first_extreme, _scatter_max, amax_to_shape, linear_pull, max_pull
 from .base import abs_weight
+from .signed_rows import fast_signed_rowdense
 
 SIGNS = ("abs", "positive", "negative")
 GRANULARITIES = ("scalar", "tensor")
@@ -94,7 +95,7 @@ class MaxPath(Semiring):
         if not self.signed:
             m, idx = max_pull(kind.map_weights(abs_weight), value.hi, index=self.backpointers)
             return self._make(m, None, value.log_scale, idx, None, origin)
-        hi, hi_idx, lo, lo_idx = _signed_pull(kind, value.hi, value.lo)
+        hi, hi_idx, lo, lo_idx = _signed_pull(kind, value.hi, value.lo, index=self.backpointers)
         return self._make(hi, lo, value.log_scale, hi_idx, lo_idx, origin)
 
     def complete(self, value: MaxValue) -> MaxValue:
@@ -114,6 +115,8 @@ class MaxPath(Semiring):
         a, b = self._settle(a), self._settle(b)
         fa, fb, top = _align(a, b)
         ah, bh = a.hi * fa, b.hi * fb
+        if self.signed and not self.backpointers:  # the same values, no masks
+            return _renormalise(MaxValue(torch.maximum(ah, bh), torch.minimum(a.lo * fa, b.lo * fb), top))
         take_b = bh > ah
         hi = torch.where(take_b, bh, ah)
         hi_src = _select_src(take_b, b.hi_src, a.hi_src)
@@ -178,16 +181,36 @@ def _renormalise(v: MaxValue) -> MaxValue:
         m = v.hi.amax() if v.hi.numel() else v.hi.new_zeros(())
         m = torch.where((m > 0) & torch.isfinite(m), m, torch.ones_like(m))
         return replace(v, hi=v.hi / m, log_scale=v.log_scale + torch.log(m.double()))
-    mags = [v.hi.abs(), v.lo.abs()]
-    m = torch.stack([x.masked_fill(~torch.isfinite(x), 0).amax() if x.numel() else x.new_zeros(()) for x in mags]).amax()
+    m = _largest_magnitude(v.hi, v.lo)
     m = torch.where(m > 0, m, torch.ones_like(m))
     return replace(v, hi=v.hi / m, lo=None if v.lo is None else v.lo / m, log_scale=v.log_scale + torch.log(m.double()))
+
+
+def _largest_magnitude(hi: Tensor, lo: Tensor) -> Tensor:
+    """The largest finite ``|M+|``, ``|M-|`` (0 if none). Where both are finite ``M+ >= M-``, so their larger
+    magnitude is ``max(M+, -M-)``, and an absent pair (-inf, +inf) offers -inf: two reductions, no masks. Only a
+    genuinely infinite value (an infinite local weight) needs the masked form."""
+    if not hi.numel():
+        return hi.new_zeros(())
+    m = torch.maximum(hi.amax(), -lo.amin())
+    if bool(torch.isfinite(m)):
+        return m
+    if bool(m < 0):  # all absent
+        return hi.new_zeros(())
+    return torch.stack([x.masked_fill(~torch.isfinite(x), 0).abs().amax() for x in (hi, lo)]).amax()
 
 
 # -- signed scalar pulls ----------------------------------------------------------------------------------------
 
 def _candidates(hi: Tensor, lo: Tensor, w) -> tuple[Tensor, Tensor]:
     """Per-edge candidates ``max/min(w M+, w M-)``; absent sources (M+ = -inf) offer nothing."""
+    if isinstance(w, (int, float)) and w != 0:  # one weight for all edges: it keeps or swaps the order (M+ >= M-)
+        if w == 1:
+            return hi, lo
+        return (hi * w, lo * w) if w > 0 else (lo * w, hi * w)  # -inf * w stays absent (-inf), +inf likewise
+    if _all_finite(hi):
+        c1, c2 = hi * w, lo * w
+        return torch.maximum(c1, c2), torch.minimum(c1, c2)
     reach = torch.isfinite(hi)
     h = torch.where(reach, hi, torch.zeros_like(hi))
     l = torch.where(reach, lo, torch.zeros_like(lo))
@@ -196,77 +219,145 @@ def _candidates(hi: Tensor, lo: Tensor, w) -> tuple[Tensor, Tensor]:
     return torch.where(reach, torch.maximum(c1, c2), -inf), torch.where(reach, torch.minimum(c1, c2), inf)
 
 
-def _signed_pull(kind, hi: Tensor, lo: Tensor):
+def _signed_pull(kind, hi: Tensor, lo: Tensor, index: bool = True):
+    """``(M+', argmax, M-', argmin)`` of one pull; the flat output indices may be None when ``index`` is False."""
     if isinstance(kind, Pointwise):
         ch, cl = _candidates(hi, lo, kind.weight)
-        h, hi_idx = amax_to_shape(ch, kind.in_shape, largest=True)
-        l, lo_idx = amax_to_shape(cl, kind.in_shape, largest=False)
+        h, hi_idx = amax_to_shape(ch, kind.in_shape, largest=True, index=index)
+        l, lo_idx = amax_to_shape(cl, kind.in_shape, largest=False, index=index)
         return h, hi_idx, l, lo_idx
     if isinstance(kind, Reduction):
         ch, cl = _candidates(kind.expand_out(hi), kind.expand_out(lo), kind.weight)
         if kind.support is not None:  # no edge: no candidate (not a candidate 0)
             ch = ch.masked_fill(~kind.support, float("-inf"))
             cl = cl.masked_fill(~kind.support, float("inf"))
-        idx = kind.out_index().to(hi.device)
+        idx = kind.out_index().to(hi.device) if index else None
         return ch, idx, cl, idx
     if isinstance(kind, IndexMap):
         ch, cl = _candidates(hi, lo, kind.weight)
-        h, hi_idx = _scatter_max(kind, ch, largest=True, empty=float("-inf"))
-        l, lo_idx = _scatter_max(kind, cl, largest=False, empty=float("inf"))
+        h, hi_idx = _scatter_max(kind, ch, largest=True, empty=float("-inf"), index=index)
+        l, lo_idx = _scatter_max(kind, cl, largest=False, empty=float("inf"), index=index)
         return h, hi_idx, l, lo_idx
     if isinstance(kind, MatMul):
-        return _signed_matmul(kind, hi, lo)
+        if kind.left and kind.weight.dim() == 2 and kind.mat_shapes is None:
+            return _signed_matmul_rows(kind, hi, lo, index)
+        return _signed_matmul(kind, hi, lo, index)
     if isinstance(kind, (RowDense, LayerNormRow)):
         return _signed_rowdense(kind, hi, lo)
     raise TypeError(f"unknown Jacobian kind {type(kind).__name__}")
 
 
-def _signed_matmul(kind: MatMul, hi: Tensor, lo: Tensor):
-    """Signed max/min-times. Fully reachable slices use the kernel; partly reachable ones an exact masked loop."""
-    reach = torch.isfinite(hi)
-    h = torch.where(reach, hi, torch.zeros_like(hi))
-    l = torch.where(reach, lo, torch.zeros_like(lo))
+def _extremes(product, h: Tensor, l: Tensor, dim: int, index: bool):
+    """Max- and min-times of ``h`` and of ``l`` in ONE kernel call (the weight is streamed once):
+    ``[h, l, -h, -l]`` stacked along ``dim``, with ``min_c x_c w_c = -max_c (-x_c) w_c`` (negation is exact, so the
+    values and the first arguments are those of min-times). Returns ``mx, mn``: ``[(values, args)] * 2`` each (args
+    None unless ``index``)."""
+    out = product(torch.cat([h, l, -h, -l], dim), index)
+    vals, args = out if index else (out, None)
+    v = vals.split(h.shape[dim], dim)
+    a = args.split(h.shape[dim], dim) if index else (None,) * 4
+    return [(v[0], a[0]), (v[1], a[1])], [(-v[2], a[2]), (-v[3], a[3])]
+
+
+def _all_finite(x: Tensor) -> bool:
+    """Every element finite (no absent element): two reductions (a NaN fails both compares)."""
+    return not x.numel() or bool((x.amin() > float("-inf")) & (x.amax() < float("inf")))
+
+
+def _merge(mx, mn, index: bool):
+    hi_v = torch.maximum(mx[0][0], mx[1][0])
+    lo_v = torch.minimum(mn[0][0], mn[1][0])
+    hi_a = torch.where(mx[1][0] > mx[0][0], mx[1][1], mx[0][1]) if index else None
+    lo_a = torch.where(mn[1][0] < mn[0][0], mn[1][1], mn[0][1]) if index else None
+    return hi_v, hi_a, lo_v, lo_a
+
+
+def _signed_matmul_rows(kind: MatMul, hi: Tensor, lo: Tensor, index: bool):
+    """``y = x @ B`` with one 2-D weight: rows of the output with no reachable element are skipped (absent)."""
+    w = kind.weight  # [n, k]
+    n, k = w.shape
+    fh, fl = hi.reshape(-1, n), lo.reshape(-1, n)
+    everywhere = _all_finite(fh)
+    reach = None if everywhere else torch.isfinite(fh)
+    live = None if everywhere else reach.any(-1)
+    n_live = fh.shape[0] if everywhere else int(live.sum())
+    all_live = n_live == fh.shape[0]
+    if everywhere:
+        out_h = out_l = arg_h = arg_l = None
+    else:
+        out_h = fh.new_full((fh.shape[0], k), float("-inf"))
+        out_l = fh.new_full((fh.shape[0], k), float("inf"))
+        arg_h = torch.zeros((fh.shape[0], k), dtype=torch.long, device=hi.device) if index else None
+        arg_l = torch.zeros_like(arg_h) if index else None
+    if n_live:
+        sel = slice(None) if all_live else live
+        rh, rl = fh[sel], fl[sel]
+        rr = None if everywhere else reach[sel]
+        if rr is not None and not bool(rr.all()):
+            rh, rl = rh.masked_fill(~rr, 0), rl.masked_fill(~rr, 0)
+        mx, mn = _extremes(lambda x, i: max_times(x, w, argmax=i), rh, rl, 0, index)
+        hi_v, hi_a, lo_v, lo_a = _merge(mx, mn, index)
+        partial = None if rr is None else ~rr.all(-1)
+        if partial is not None and bool(partial.any()):  # see _signed_matmul
+            slices = partial.unsqueeze(-1)
+            h3, l3, w3 = fh[sel].unsqueeze(0), fl[sel].unsqueeze(0), w.unsqueeze(0)
+            for redo, largest, vals, args in ((slices & (mx[0][0] == mx[1][0]), True, hi_v, hi_a),
+                                              (slices & (mn[0][0] == mn[1][0]), False, lo_v, lo_a)):
+                _exact_outputs(redo.unsqueeze(0), largest, True, h3, l3, w3, vals.unsqueeze(0),
+                               None if args is None else args.unsqueeze(0))
+        if everywhere:
+            out_h, out_l, arg_h, arg_l = hi_v, lo_v, hi_a, lo_a
+        else:
+            out_h[sel], out_l[sel] = hi_v, lo_v
+            if index:
+                arg_h[sel], arg_l[sel] = hi_a, lo_a
+    shape = kind.in_shape
+    if not index:
+        return out_h.reshape(shape), None, out_l.reshape(shape), None
+    rows = torch.arange(fh.shape[0], device=hi.device).unsqueeze(-1) * n
+    return out_h.reshape(shape), (rows + arg_h).reshape(shape), out_l.reshape(shape), (rows + arg_l).reshape(shape)
+
+
+def _signed_matmul(kind: MatMul, hi: Tensor, lo: Tensor, index: bool = True):
+    """Signed max/min-times. Absent elements enter the kernels as 0; partly reachable slices are then fixed exactly
+    where that can matter."""
+    all_reach = _all_finite(hi)
+    reach = torch.isfinite(hi) if not all_reach else None
+    h = hi if all_reach else torch.where(reach, hi, torch.zeros_like(hi))
+    l = lo if all_reach else torch.where(reach, lo, torch.zeros_like(lo))
     w = kind.weight
     m, n = kind.mat_out[-2:]
     a_h = h.reshape(-1, m, n)
     a_l = l.reshape(-1, m, n)
-    r3 = reach.reshape(-1, m, n)
     bsz = a_h.shape[0]
     w3 = w.reshape(-1, *w.shape[-2:]).expand(bsz, -1, -1) if w.dim() > 2 else w.expand(bsz, -1, -1)
-    if kind.left:  # out [B, m, k] over c (dim -1 of a)
-        mx = [max_times(a_h, w3, argmax=True), max_times(a_l, w3, argmax=True)]
-        mn = [min_times(a_h, w3, argmax=True), min_times(a_l, w3, argmax=True)]
-    else:  # out [B, k, n] over r (dim -2 of a)
-        mx = [max_times(w3, a_h, argmax=True), max_times(w3, a_l, argmax=True)]
-        mn = [min_times(w3, a_h, argmax=True), min_times(w3, a_l, argmax=True)]
-    hi_v = torch.maximum(mx[0][0], mx[1][0])
-    hi_a = torch.where(mx[1][0] > mx[0][0], mx[1][1], mx[0][1])
-    lo_v = torch.minimum(mn[0][0], mn[1][0])
-    lo_a = torch.where(mn[1][0] < mn[0][0], mn[1][1], mn[0][1])
-    # slices (rows of a for left, columns for right): all absent -> absent; partly absent -> recompute exactly
-    full = r3.all(-1) if kind.left else r3.all(-2)  # [B, m] or [B, n]
-    none = ~(r3.any(-1) if kind.left else r3.any(-2))
-    if bool(none.any()):
-        gone = none.unsqueeze(-1) if kind.left else none.unsqueeze(-2)
-        hi_v = hi_v.masked_fill(gone, float("-inf"))
-        lo_v = lo_v.masked_fill(gone, float("inf"))
-    partial = ~full & ~none
-    if bool(partial.any()):
-        for b, s in partial.nonzero().tolist():
-            if kind.left:
-                rh, rl, rr = hi.reshape(-1, m, n)[b, s], lo.reshape(-1, m, n)[b, s], r3[b, s]  # [n]
-                cand_h, cand_l = _candidates(rh[:, None].expand(-1, w3.shape[-1]),
-                                             rl[:, None].expand(-1, w3.shape[-1]), w3[b])  # [n, k]
-                vh, ah = _first_extreme(cand_h.T, True)
-                vl, al = _first_extreme(cand_l.T, False)
-                hi_v[b, s], hi_a[b, s], lo_v[b, s], lo_a[b, s] = vh, ah, vl, al
-            else:
-                rh, rl = hi.reshape(-1, m, n)[b, :, s], lo.reshape(-1, m, n)[b, :, s]  # [m]
-                cand_h, cand_l = _candidates(rh[None, :].expand(w3.shape[-2], -1),
-                                             rl[None, :].expand(w3.shape[-2], -1), w3[b])  # [k, m]
-                vh, ah = _first_extreme(cand_h, True)
-                vl, al = _first_extreme(cand_l, False)
-                hi_v[b, :, s], hi_a[b, :, s], lo_v[b, :, s], lo_a[b, :, s] = vh, ah, vl, al
+    if kind.left:  # out [B, m, k] over c (dim -1 of a); stacked along m
+        mx, mn = _extremes(lambda x, i: max_times(x, w3, argmax=i), a_h, a_l, 1, index)
+    else:  # out [B, k, n] over r (dim -2 of a); stacked along n
+        mx, mn = _extremes(lambda x, i: max_times(w3, x, argmax=i), a_h, a_l, 2, index)
+    hi_v, hi_a, lo_v, lo_a = _merge(mx, mn, index)
+    if not all_reach:
+        r3 = reach.reshape(-1, m, n)
+        # slices (rows of a for left, columns for right): all absent -> absent; partly absent -> fixed exactly
+        full = r3.all(-1) if kind.left else r3.all(-2)  # [B, m] or [B, n]
+        none = ~(r3.any(-1) if kind.left else r3.any(-2))
+        if bool(none.any()):
+            gone = none.unsqueeze(-1) if kind.left else none.unsqueeze(-2)
+            hi_v = hi_v.masked_fill(gone, float("-inf"))
+            lo_v = lo_v.masked_fill(gone, float("inf"))
+        partial = ~full & ~none
+        if bool(partial.any()):
+            slices = partial.unsqueeze(-1) if kind.left else partial.unsqueeze(-2)
+            # An absent element entered both kernels (M+ and M-) as the candidate 0, so where it wins, the two
+            # kernels tie (at 0); a tie may also need the smaller index of the other kernel. Ties are redone exactly.
+            redo_h = slices & (mx[0][0] == mx[1][0])
+            redo_l = slices & (mn[0][0] == mn[1][0])
+            h3, l3 = hi.reshape(-1, m, n), lo.reshape(-1, m, n)
+            for redo, largest, vals, args in ((redo_h, True, hi_v, hi_a), (redo_l, False, lo_v, lo_a)):
+                _exact_outputs(redo, largest, kind.left, h3, l3, w3, vals, args)
+    shape = kind.in_shape
+    if not index:
+        return hi_v.reshape(shape), None, lo_v.reshape(shape), None
     bidx = torch.arange(bsz, device=hi.device).view(-1, 1, 1)
     if kind.left:
         rows = torch.arange(m, device=hi.device).view(1, -1, 1)
@@ -274,11 +365,42 @@ def _signed_matmul(kind: MatMul, hi: Tensor, lo: Tensor):
     else:
         cols = torch.arange(n, device=hi.device).view(1, 1, -1)
         to_flat = lambda arg: (bidx * m + arg) * n + cols  # noqa: E731
-    shape = kind.in_shape
     return hi_v.reshape(shape), to_flat(hi_a).reshape(shape), lo_v.reshape(shape), to_flat(lo_a).reshape(shape)
 
 
+def _exact_outputs(redo: Tensor, largest: bool, left: bool, h3: Tensor, l3: Tensor, w3: Tensor, vals: Tensor,
+                   args: Tensor | None) -> None:
+    """Recompute the signed max (min) and its first argument at the outputs ``redo`` of a matrix product from the
+    masked candidates (absent elements offer nothing), in place; gathered in bounded chunks."""
+    where = redo.nonzero()
+    if where.numel() == 0:
+        return
+    length = h3.shape[-1] if left else h3.shape[-2]
+    step = max(1, _CHUNK // max(1, length))
+    for start in range(0, where.shape[0], step):
+        b, x, y = where[start:start + step].unbind(-1)
+        if left:  # out [b, x = row, y = k] over c: a[b, x, :] and w[b, :, y]
+            rh, rl, w = h3[b, x], l3[b, x], w3[b, :, y]
+        else:  # out [b, x = k, y = column] over r: a[b, :, y] and w[b, x, :]
+            rh, rl, w = h3[b, :, y], l3[b, :, y], w3[b, x, :]
+        cand_h, cand_l = _candidates(rh, rl, w)
+        v, a = _first_extreme(cand_h if largest else cand_l, largest)
+        vals[b, x, y] = v
+        if args is not None:
+            args[b, x, y] = a
+
+
+_CHUNK = 1 << 22
+
+
 def _signed_rowdense(kind: RowDense | LayerNormRow, hi: Tensor, lo: Tensor):
+    """Rank-one rows and layer norm without the dense Jacobian (:mod:`.signed_rows`); others densely."""
+    fast = fast_signed_rowdense(kind, hi, lo)
+    return fast if fast is not None else _signed_rowdense_dense(kind, hi, lo)
+
+
+def _signed_rowdense_dense(kind: RowDense | LayerNormRow, hi: Tensor, lo: Tensor):
+    """The reference: every candidate ``J_ij M_i`` of the dense ``J`` (chunks of rows)."""
     n = kind.in_shape[-1]
     fh, fl = hi.reshape(-1, n), lo.reshape(-1, n)
     out_h = torch.full_like(fh, float("-inf"))
