@@ -1,0 +1,10 @@
+"""Relevance propagation on the engine: LRP-epsilon, AttnLRP, CP-LRP (:mod:`.methods`, :mod:`.edited`),
+attention tracing / rollout (:mod:`.attention`). Entry points: :func:`relevance`, :func:`explain`,
+:func:`coverage`."""
+
+from .edited import DEFAULT_EPSILON
+from .methods import METHODS, RULE_TABLE, UnsupportedRelevanceOpError
+from .relevance import CoverageRow, RelevanceResult, coverage, explain, relevance
+
+__all__ = ["relevance", "explain", "coverage", "METHODS", "RULE_TABLE", "DEFAULT_EPSILON", "CoverageRow",
+           "RelevanceResult", "UnsupportedRelevanceOpError"]
