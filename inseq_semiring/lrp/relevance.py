@@ -39,8 +39,9 @@ def record_tape(fn: Callable, inputs: Sequence[torch.Tensor], model=None) -> Tap
 
 def explain(fn: Callable[..., torch.Tensor], inputs, method: str = "attn_lrp", *, epsilon: float = DEFAULT_EPSILON,
             model: torch.nn.Module | None = None, extra_rules: dict | None = None,
-            tape: Tape | None = None) -> RelevanceResult:
-    """As :func:`relevance`, with everything the sweep produced."""
+            tape: Tape | None = None, keep_trail: bool = False) -> RelevanceResult:
+    """As :func:`relevance`, with everything the sweep produced (``keep_trail``: ``result.trail`` holds the
+    edited gradient ``g~`` of every node tensor, so ``R(t) = t * g~(t)`` anywhere in the graph)."""
     if method not in METHODS:
         from ..errors import InvalidInputError
 
@@ -50,7 +51,7 @@ def explain(fn: Callable[..., torch.Tensor], inputs, method: str = "attn_lrp", *
     if tape is None:
         tape = record_tape(fn, inputs, model)
     p = plan(tape, method, epsilon=epsilon, model=model, extra_rules=extra_rules)
-    res = run(fn, inputs, "gradient", rules=p.rules, tape=p.tape)
+    res = run(fn, inputs, "gradient", rules=p.rules, tape=p.tape, backpointers=keep_trail)
     rel = tuple(x * g for x, g in zip(inputs, res.values))
     return RelevanceResult(rel, tape.root, p, res)
 
