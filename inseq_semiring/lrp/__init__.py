@@ -2,9 +2,11 @@
 attention tracing / rollout (:mod:`.attention`). Entry points: :func:`relevance`, :func:`explain`,
 :func:`coverage`."""
 
+from .attention import attention_maps, attention_rollout, attention_tracing
 from .edited import DEFAULT_EPSILON
 from .methods import METHODS, RULE_TABLE, UnsupportedRelevanceOpError
 from .relevance import CoverageRow, RelevanceResult, coverage, explain, relevance
 
 __all__ = ["relevance", "explain", "coverage", "METHODS", "RULE_TABLE", "DEFAULT_EPSILON", "CoverageRow",
-           "RelevanceResult", "UnsupportedRelevanceOpError"]
+           "RelevanceResult", "UnsupportedRelevanceOpError", "attention_tracing", "attention_rollout",
+           "attention_maps"]
