@@ -436,6 +436,9 @@ def register() -> dict[str, type]:
             continue
         STEP_SCORES_MAP.pop(name, None)
         register_step_function(fn, name, aggregate_map={"spans": STEP_FUNCTIONS[name]})
+    from . import inseq_relevance  # relevance methods (attn_lrp, cp_lrp, lrp_epsilon, attention_tracing/rollout)
+
+    inseq_relevance.register()
     return dict(_STATE["classes"])
 
 
@@ -453,6 +456,9 @@ def unregister() -> None:
         delattr(module, name)
     _STATE["classes"] = None
     _CACHE.clear()
+    from . import inseq_relevance
+
+    inseq_relevance.unregister()
     gc.collect()
 
 
