@@ -118,3 +118,15 @@ def test_show_save_load_and_load_model(tiny_gpt2_dir, tmp_path):
 def test_attention_methods_refuse_encoder_decoder(bart_model):
     with pytest.raises(InvalidInputError, match="decoder-only"):
         bart_model.attribute("the keys", "le chat", method="attention_tracing", show_progress=False)
+
+
+def test_cli_paths_over_relevance_rules(tiny_gpt2_dir, capsys):
+    from inseq_semiring import cli
+
+    rc = cli.main(["paths", "-m", tiny_gpt2_dir, "-k", "1", "--full", "--rules", "attn_lrp"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    assert "lrp.epsilon" in out  # the epsilon hop after the LM head: a path of the AttnLRP-edited graph
+    rc = cli.main(["paths", "-m", tiny_gpt2_dir, "-k", "1", "--full"])
+    plain, _ = capsys.readouterr()
+    assert rc == 0 and "lrp." not in plain

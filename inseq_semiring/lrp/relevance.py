@@ -77,6 +77,24 @@ def relevance(fn: Callable[..., torch.Tensor], inputs, method: str = "attn_lrp",
     return explain(fn, inputs, method, epsilon=epsilon, model=model, extra_rules=extra_rules).relevance
 
 
+def relevance_semiring(fn: Callable[..., torch.Tensor], inputs, method: str = "attn_lrp", semiring: str = "maxpath",
+                       *, epsilon: float = DEFAULT_EPSILON, model: torch.nn.Module | None = None, sign: str = "abs",
+                       backpointers: bool = False, extra_rules: dict | None = None, tape: Tape | None = None):
+    """Any semiring over the *relevance graph*: the gradient graph with the method's edited local Jacobians.
+
+    A path's product ``prod w`` times its input element ``x_i`` is the relevance that path carries:
+    ``R(x_i) = x_i * sum_paths prod w`` (the gradient semiring). ``"maxpath"`` gives the strongest relevance route
+    per input element (decode it with :func:`inseq_semiring.paths.decode_path` / ``top_paths`` and
+    ``rules=plan.rules``), ``"entropy"`` the entropy of ``p(path) ~ |prod w|``. Under ``cp_lrp`` with bias-free
+    layers and ``epsilon -> 0`` the path relevances ``x_i prod w`` sum to the root. Returns ``(result, plan)``."""
+    inputs = _check_inputs(inputs)
+    if tape is None:
+        tape = record_tape(fn, inputs, model)
+    p = plan(tape, method, epsilon=epsilon, model=model, extra_rules=extra_rules)
+    res = run(fn, inputs, semiring, sign=sign, rules=p.rules, tape=p.tape, backpointers=backpointers)
+    return res, p
+
+
 @dataclass(frozen=True)
 class CoverageRow:
     op: str
