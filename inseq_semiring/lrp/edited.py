@@ -51,8 +51,10 @@ def sign0(z: torch.Tensor) -> torch.Tensor:
 def epsilon_factor(z: torch.Tensor, epsilon: float) -> torch.Tensor:
     """``z / (z + eps sign(z))``: the epsilon rule's per-output factor on top of the plain Jacobian (1 where the
     denominator is 0, i.e. ``z = 0`` with ``eps = 0``: LRP-0 is the plain gradient there)."""
-    denom = z + epsilon * sign0(z)
-    return torch.where(denom != 0, z / torch.where(denom != 0, denom, torch.ones_like(denom)), torch.ones_like(z))
+    if epsilon == 0:
+        return torch.where(z != 0, z / torch.where(z != 0, z, torch.ones_like(z)), torch.ones_like(z))
+    shift = torch.where(z >= 0, epsilon, -epsilon).to(z.dtype)  # eps sign(z), sign(0) = 1
+    return z / (z + shift)
 
 
 def epsilon_hop(z: torch.Tensor, epsilon: float) -> Edge:
