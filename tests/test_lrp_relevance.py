@@ -290,3 +290,11 @@ def test_coverage_lists_every_rule_of_a_model():
     cp = {(r.op, r.rule) for r in lrp.coverage(model, "cp_lrp", ids)}
     assert ("aten.bmm.default", "epsilon, attention weights constant") in cp
     assert all(op != "aten._softmax.default" for op, _ in cp)  # no relevance enters the attention weights
+
+
+@pytest.mark.parametrize("name", sorted(tm.ARCHS))
+def test_every_tiny_architecture_runs_under_every_method(name):
+    case = tm.build(name)
+    for method in lrp.METHODS:
+        rel = lrp.relevance(case.fn, case.inputs, method, model=case.model)
+        assert all(torch.isfinite(r).all() and float(r.abs().max()) > 0 for r in rel)
