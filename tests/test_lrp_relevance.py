@@ -282,7 +282,9 @@ def test_a_nonlinear_operator_inside_a_module_raises_and_extra_rules_fix_it():
 def test_coverage_lists_every_rule_of_a_model():
     model = tm.tiny_model("gpt2")
     ids = torch.tensor([[1, 2, 3, 4]])
-    rules = {(r.op, r.rule) for r in lrp.coverage(model, "attn_lrp", ids)}
+    rows = lrp.coverage(model, "attn_lrp", ids)
+    assert all(r.rule is not None for r in rows)  # the default root (top logit) needs no extra rule
+    rules = {(r.op, r.rule) for r in rows}
     assert ("lrp.module_identity", "identity") in rules  # NewGELUActivation, detected as a module
     assert ("aten.bmm.default", "uniform + epsilon") in rules
     assert ("aten.native_layer_norm.default", "layer norm, sigma detached") in rules

@@ -108,7 +108,8 @@ class CoverageRow:
 
 def _default_root(model, example_input):
     """``fn, inputs`` for a Hugging Face model: the embeddings of ``example_input`` (token ids, or embeddings, or a
-    dict with ``input_ids``) and as root the largest logit at the last position (decoder: one start token)."""
+    dict with ``input_ids``) and as root the logit of the top-scoring token at the last position (chosen before
+    recording; decoder: one start token)."""
     ids = example_input.get("input_ids") if isinstance(example_input, dict) else example_input
     emb = ids if ids.is_floating_point() else model.get_input_embeddings()(ids).detach()
     config = getattr(model, "config", None)
@@ -116,18 +117,23 @@ def _default_root(model, example_input):
         start = getattr(config, "decoder_start_token_id", 0) or 0
         dec = model.get_input_embeddings()(torch.full((emb.shape[0], 1), start, dtype=torch.long)).detach()
 
-        def fn(e, d):
-            logits = model(inputs_embeds=e, decoder_inputs_embeds=d, use_cache=False).logits
-            return logits[:, -1].max(-1).values.sum()
+        def logits_of(e, d):
+            return model(inputs_embeds=e, decoder_inputs_embeds=d, use_cache=False).logits[:, -1]
 
-        return fn, (emb, dec)
+        inputs = (emb, dec)
+    else:
+        def logits_of(e):
+            logits = model(inputs_embeds=e).logits
+            return logits[:, -1] if logits.dim() == 3 else logits
 
-    def fn(e):
-        out = model(inputs_embeds=e)
-        logits = out.logits
-        return (logits[:, -1] if logits.dim() == 3 else logits).max(-1).values.sum()
+        inputs = (emb,)
+    with torch.no_grad():
+        top = logits_of(*inputs).argmax(-1, keepdim=True)
 
-    return fn, (emb,)
+    def fn(*xs):
+        return logits_of(*xs).gather(-1, top).sum()
+
+    return fn, inputs
 
 
 def coverage(model: torch.nn.Module, method: str, example_input, *, fn: Callable | None = None,
