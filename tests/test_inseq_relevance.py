@@ -130,3 +130,44 @@ def test_cli_paths_over_relevance_rules(tiny_gpt2_dir, capsys):
     rc = cli.main(["paths", "-m", tiny_gpt2_dir, "-k", "1", "--full"])
     plain, _ = capsys.readouterr()
     assert rc == 0 and "lrp." not in plain
+
+
+@pytest.mark.filterwarnings("ignore:Contrastive inputs do not match")
+def test_contrastive_attributed_function(gpt2_model, monkeypatch):
+    calls = []
+    orig = rel.explain
+
+    def spy(fn, inputs, *args, **kw):
+        calls.append((fn, tuple(x.detach().clone() for x in inputs)))
+        return orig(fn, inputs, *args, **kw)
+
+    monkeypatch.setattr(rel, "explain", spy)
+    out = gpt2_model.attribute(PROMPT, PROMPT + " are", method="attn_lrp", attributed_fn="contrast_prob_diff",
+                               contrast_targets=PROMPT + " is", show_progress=False)
+    fn, inputs = calls[-1]
+    hf, tok = gpt2_model.model, gpt2_model.tokenizer
+    probs = hf(inputs_embeds=inputs[0]).logits[0, -1].softmax(-1)
+    are, is_ = tok(" are").input_ids[0], tok(" is").input_ids[0]
+    torch.testing.assert_close(fn(*inputs), (probs[are] - probs[is_]).reshape(1), rtol=1e-4, atol=1e-9)
+    expected = lrp.relevance(fn, inputs, "attn_lrp", model=hf)[0].sum(-1)[0]
+    torch.testing.assert_close(out.sequence_attributions[0].target_attributions[: inputs[0].shape[1], -1],
+                               expected.float(), rtol=1e-4, atol=1e-7)
+
+
+def test_plain_inseq_cli_runs_attn_lrp(tiny_gpt2_dir, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    exe = Path(sys.executable).with_name("inseq")
+    if not exe.exists():
+        pytest.skip("the inseq console script is not installed next to this interpreter")
+    out_file = tmp_path / "out.json"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env.pop("INSEQ_SEMIRING_NO_AUTOLOAD", None)
+    cmd = [str(exe), "attribute", "-m", tiny_gpt2_dir, "-a", "attn_lrp", "-i", PROMPT, "-g", PROMPT + " are",
+           "--hide", "--device", "cpu", "-o", str(out_file), "--attribution_kwargs", '{"epsilon": 0.001}']
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    back = inseq.FeatureAttributionOutput.load(str(out_file))
+    assert back.info["attribution_method"] == "attn_lrp" and back.info["attribution_args"] == {"epsilon": 0.001}

@@ -146,6 +146,9 @@ def assign(rec: OpRecord, method: str, ctx: _Context, extra: dict | None = None)
     if op in CONTRACTIONS:
         first = CONTRACTIONS[op]
         factors = [i for i in (first, first + 1) if i in nodes]
+        if not factors:  # only the added term (addmm's bias) depends on the input: a sum
+            leaves, build = _keep(nodes)
+            return Assignment("linear", leaves, build)
         if len(factors) == 1:
             leaves, build = _keep(nodes)
             return Assignment("epsilon", leaves, build, epsilon=True)
