@@ -79,8 +79,8 @@ _DOCS = {
     "lrp_epsilon": "LRP-epsilon relevance per token (sum over the hidden dimension, signed).",
     "attn_lrp": "AttnLRP relevance per token (Achtibat et al. 2024; sum over the hidden dimension, signed).",
     "cp_lrp": "CP-LRP relevance per token (Ali et al. 2022: attention weights constant; signed).",
-    "attention_tracing": "Layerwise attention tracing: per-head chained attention from the read-out, summed over heads.",
-    "attention_rollout": "Attention rollout (Abnar & Zuidema 2020): head-averaged 0.5 A + 0.5 I, renormalised, chained.",
+    "attention_tracing": "Layerwise attention tracing: per-head chained attention from the read-out, head sum.",
+    "attention_rollout": "Attention rollout (Abnar & Zuidema 2020): head mean, 0.5 A + 0.5 I, renormalised, chained.",
 }
 _STATE: dict[str, Any] = {"classes": None}
 

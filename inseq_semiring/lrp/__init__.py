@@ -7,6 +7,6 @@ from .edited import DEFAULT_EPSILON
 from .methods import METHODS, RULE_TABLE, UnsupportedRelevanceOpError
 from .relevance import CoverageRow, RelevanceResult, coverage, explain, relevance, relevance_semiring
 
-__all__ = ["relevance", "explain", "relevance_semiring", "coverage", "METHODS", "RULE_TABLE", "DEFAULT_EPSILON", "CoverageRow",
-           "RelevanceResult", "UnsupportedRelevanceOpError", "attention_tracing", "attention_rollout",
+__all__ = ["relevance", "explain", "relevance_semiring", "coverage", "METHODS", "RULE_TABLE", "DEFAULT_EPSILON",
+           "CoverageRow", "RelevanceResult", "UnsupportedRelevanceOpError", "attention_tracing", "attention_rollout",
            "attention_maps"]
