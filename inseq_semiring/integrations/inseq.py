@@ -438,7 +438,10 @@ def register() -> dict[str, type]:
         register_step_function(fn, name, aggregate_map={"spans": STEP_FUNCTIONS[name]})
     from . import inseq_relevance  # relevance methods (attn_lrp, cp_lrp, lrp_epsilon, attention_tracing/rollout)
 
-    inseq_relevance.register()
+    if hasattr(inseq_relevance, "register"):
+        inseq_relevance.register()
+    else:  # that module is being imported (its Inseq import fired the autoload hook): it registers at its end
+        inseq_relevance._register_when_imported = True
     return dict(_STATE["classes"])
 
 

@@ -119,3 +119,8 @@ def unregister() -> None:
     for name in [n for n, c in vars(module).items() if isinstance(c, type) and _ours(c)]:
         delattr(module, name)
     _STATE["classes"] = None
+
+
+# An autoload hook that fired while this module was being imported (importing Inseq above fired it) asked for this.
+if globals().pop("_register_when_imported", False):
+    register()
