@@ -78,3 +78,13 @@ def test_encoder_decoder_is_refused_with_a_clear_error():
     case = tm.build("t5")
     with pytest.raises(InvalidInputError, match="different shapes"):
         lrp.attention_tracing(case.fn, case.inputs, model=case.model)
+
+
+@pytest.mark.parametrize("name", ["t5", "bart"])
+def test_one_stack_of_an_encoder_decoder(name):
+    case = tm.build(name)
+    with tm.NoFloat32():
+        out = case.model(inputs_embeds=case.inputs[0], decoder_inputs_embeds=case.inputs[1], output_attentions=True)
+    for stack, att in (("encoder", out.encoder_attentions[0]), ("decoder", out.decoder_attentions[0])):
+        got = lrp.attention_tracing(case.fn, case.inputs, model=case.model, stack=stack)
+        torch.testing.assert_close(got, att[:, :, -1, :].sum(1), rtol=1e-10, atol=1e-12)
