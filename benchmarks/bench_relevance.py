@@ -3,7 +3,8 @@
 Model: a GPT-2-small-shaped random model (12 layers, hidden 768, 12 heads, vocab 50257), eager attention, float32.
 Root: the logit of one next token at the last position. Each timing includes the method's own forward pass (the
 recording); the baseline is ``torch.autograd.grad`` of the same root w.r.t. ``inputs_embeds`` (forward + backward).
-Medians over ``--repeats`` calls after one warm-up call; ratios against the baseline measured in the same process.
+Medians over ``--repeats`` rounds after one warm-up call each; every round times all methods one after the other
+(round-robin), and ratios are against the baseline measured in the same process.
 
     python benchmarks/bench_relevance.py [--tokens 64] [--layers 12] [--repeats 5] [--threads 1]
 """
@@ -54,7 +55,10 @@ def main() -> None:
         e = emb.clone().requires_grad_(True)
         return torch.autograd.grad(root(e), e)[0]
 
-    calls = {"autograd": autograd}
+    import inseq_semiring as isr
+
+    calls = {"autograd": autograd,
+             "gradient semiring": lambda: isr.semiring_backward(root, emb, "gradient")}  # the engine, no LRP rules
     for m in ("lrp_epsilon", "attn_lrp", "cp_lrp"):
         calls[m] = lambda m=m: lrp.relevance(root, emb, m, model=model)
     calls["attention_tracing"] = lambda: lrp.attention_tracing(root, emb, model=model)
@@ -63,15 +67,15 @@ def main() -> None:
 
     calls["record only"] = lambda: record_tape(root, (emb,), model)
 
-    times = {}
-    for name, fn in calls.items():
+    for fn in calls.values():
         fn()  # warm-up
-        ts = []
-        for _ in range(args.repeats):
+    samples: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(args.repeats):  # round-robin, so that a change in the machine's load hits every method alike
+        for name, fn in calls.items():
             t0 = time.perf_counter()
             fn()
-            ts.append(time.perf_counter() - t0)
-        times[name] = statistics.median(ts)
+            samples[name].append(time.perf_counter() - t0)
+    times = {name: statistics.median(ts) for name, ts in samples.items()}
     base = times["autograd"]
     print(f"GPT-2-small shape, {args.layers} layers, {args.tokens} tokens, {args.threads} thread(s), "
           f"median of {args.repeats}; autograd.grad forward+backward = {base * 1e3:.0f} ms")
