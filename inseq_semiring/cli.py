@@ -263,7 +263,7 @@ def _cmd_paths(args: argparse.Namespace) -> int:
     _check_texts(am, args.input, args.target)
     _say(f"model ready ({time.perf_counter() - t0:.1f} s); decoding the top {args.k} path(s) ...")
     found = find_top_paths(am.model, am.tokenizer, args.input, args.target, k=args.k, sign=args.sign,
-                           decomposition=args.decomposition)
+                           decomposition=args.decomposition, rules=getattr(args, "rules", None))
     print(found.to_text(full=args.full))
     if args.png:
         from .output_files import atomic_output
@@ -420,6 +420,8 @@ def build_parser() -> argparse.ArgumentParser:
     pth.add_argument("--sign", default="abs", choices=("abs", "positive", "negative"), help="maxpath sign")
     pth.add_argument("--decomposition", default=None,
                      help="operator graph: aten (default), paper (Du et al.'s library) or primitive")
+    pth.add_argument("--rules", default=None, choices=("lrp_epsilon", "attn_lrp", "cp_lrp"),
+                     help="relevance paths: maxpath over the graph edited by this LRP method's rules")
     pth.add_argument("--full", action="store_true", help="list every operator of each path")
     pth.add_argument("--png", default=None, metavar="PATH", help="save a figure of the top path (layers x positions)")
     pth.add_argument("--overwrite", action="store_true", help="replace an existing --png file")

@@ -132,9 +132,10 @@ class TopPaths:
 
 @torch.no_grad()
 def find_top_paths(model, tokenizer, text: str, target: str, *, k: int = 3, sign: str = "abs",
-                   decomposition=None) -> TopPaths:
+                   decomposition=None, rules: str | None = None) -> TopPaths:
     """The best gradient paths to ``log p(first target token)`` from the ``k`` strongest input elements
-    (``decomposition``: the operator graph, see :func:`inseq_semiring.run`)."""
+    (``decomposition``: the operator graph, see :func:`inseq_semiring.run`; ``rules``: a relevance method of
+    :mod:`inseq_semiring.lrp`, e.g. ``"attn_lrp"``: the best *relevance* paths, over the LRP-edited graph)."""
     from .errors import InvalidInputError
 
     if not text or not text.strip():
@@ -157,7 +158,12 @@ def find_top_paths(model, tokenizer, text: str, target: str, *, k: int = 3, sign
             logits = model(inputs_embeds=e, use_cache=False).logits
             return torch.log_softmax(logits[:, -1], -1)[:, token].sum()
 
-    result = run(root, emb, "maxpath", sign=sign, backpointers=True, model=model, decomposition=decomposition)
     tokens = [tokenizer.decode([i]) for i in ids[0].tolist()]
     n_layers = getattr(model.config, "num_hidden_layers", None) or getattr(model.config, "n_layer", 0)
+    if rules is not None:
+        from .lrp.relevance import relevance_semiring
+
+        result, plan = relevance_semiring(root, emb, rules, "maxpath", sign=sign, backpointers=True, model=model)
+        return TopPaths(top_paths(result, k=k, rules=plan.rules), tokens, int(n_layers))
+    result = run(root, emb, "maxpath", sign=sign, backpointers=True, model=model, decomposition=decomposition)
     return TopPaths(top_paths(result, k=k), tokens, int(n_layers))

