@@ -436,6 +436,13 @@ def register() -> dict[str, type]:
             continue
         STEP_SCORES_MAP.pop(name, None)
         register_step_function(fn, name, aggregate_map={"spans": STEP_FUNCTIONS[name]})
+    try:  # the gradient methods (deeplift_shap, guided_backprop, ...); never at the cost of the four above
+        from . import inseq_gradient_methods
+
+        inseq_gradient_methods.register()
+    except Exception as e:  # pragma: no cover - reported, not raised
+        warnings.warn(f"inseq-semiring could not register its gradient methods: {type(e).__name__}: {e}",
+                      stacklevel=2)
     return dict(_STATE["classes"])
 
 
@@ -453,6 +460,9 @@ def unregister() -> None:
         delattr(module, name)
     _STATE["classes"] = None
     _CACHE.clear()
+    from . import inseq_gradient_methods
+
+    inseq_gradient_methods.unregister()
     gc.collect()
 
 

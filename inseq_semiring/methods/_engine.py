@@ -57,7 +57,7 @@ class GatedGradient(Gradient):
 
 def as_inputs(inputs, where: str) -> tuple[Tensor, ...]:
     try:
-        return _check_inputs(inputs)
+        return tuple(x.detach() for x in _check_inputs(inputs))
     except InvalidInputError as e:
         raise InvalidInputError(e.what, where=where, fix=e.fix) from None
 
@@ -112,7 +112,7 @@ def as_baselines(baselines, inputs: tuple[Tensor, ...], where: str) -> list[tupl
             if not isinstance(t, Tensor):
                 t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
             try:
-                t = torch.broadcast_to(t.to(dtype=x.dtype, device=x.device), x.shape).clone()
+                t = torch.broadcast_to(t.detach().to(dtype=x.dtype, device=x.device), x.shape).clone()
             except RuntimeError:
                 raise InvalidInputError(f"baseline {k} for input {i} has shape {tuple(t.shape)}, which does not "
                                         f"broadcast to the input's shape {tuple(x.shape)}", where=where,
