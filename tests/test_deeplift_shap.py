@@ -219,3 +219,18 @@ def test_model_state_is_restored_after_an_error():
         assert case.model.training
     finally:
         case.model.eval()
+
+
+def test_sdpa_models_are_attributed_through_eager_attention_and_restored():
+    case = build("llama", per_row=True, batch=2)
+    model = case.model
+    model.set_attn_implementation("sdpa")
+    try:
+        base = tuple(torch.zeros_like(x) for x in case.inputs)
+        attr = deeplift_shap(case.fn, case.inputs, baselines=base, model=model)
+        assert model.config._attn_implementation == "sdpa"
+        with torch.no_grad():
+            delta = case.fn(*case.inputs) - case.fn(*base)
+        torch.testing.assert_close(_sums(attr, 2), delta, rtol=1e-5, atol=1e-12)
+    finally:
+        model.set_attn_implementation("eager")
