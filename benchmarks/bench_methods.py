@@ -70,11 +70,11 @@ def main() -> None:
         ("deeplift_shap (2 baselines)", lambda: methods.deeplift_shap(
             root, (emb,), baselines=[(torch.zeros_like(emb),), (unk,)], model=model), 2, 2.5),
         (f"guided_integrated_gradients (steps={steps})", lambda: methods.guided_integrated_gradients(
-            root, (emb,), baselines=(unk,), steps=steps, model=model), steps + 1, 1.1),
+            root, (emb,), baselines=(unk,), steps=steps, model=model), steps, 1.1),
         (f"greedy_pig (rounds=2, steps={steps // 2})", lambda: methods.greedy_pig(
-            root, (emb,), baselines=(unk,), rounds=2, steps=steps // 2, per_token=True, model=model), steps + 1, 1.1),
+            root, (emb,), baselines=(unk,), rounds=2, steps=steps // 2, per_token=True, model=model), steps, 1.1),
         (f"pgd_attribution (steps={steps})", lambda: methods.pgd_attribution(root, (emb,), steps=steps, model=model),
-         steps + 1, 1.1),
+         steps, 1.1),
     ]
 
     def clock(fn) -> float:

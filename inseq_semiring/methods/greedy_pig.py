@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import InvalidInputError
-from ._engine import as_baselines, as_inputs, autograd_gradient, positive_int, row_count
+from ._engine import as_baselines, as_inputs, positive_int, row_count
 from .integrated_gradients import integrated_gradients
 
 _WHERE = "greedy_pig"
@@ -58,13 +58,12 @@ def greedy_pig(fn, inputs, *, baselines=None, rounds: int = 4, k: int = 1, steps
     positive_int(steps, "steps", _WHERE)
     if rank not in ("value", "abs"):
         raise InvalidInputError(f"rank must be 'value' or 'abs', got {rank!r}", where=_WHERE, fix="rank='value'")
-    root, _ = autograd_gradient(fn, inputs, model)
-    rows = row_count(inputs, root)
     final = [torch.zeros_like(x) for x in inputs]
     order_flat = None
     current = base
     for r in range(1, rounds + 1):
-        attr = integrated_gradients(fn, inputs, current, steps, model)
+        attr, root = integrated_gradients(fn, inputs, current, steps, model, return_root=True)
+        rows = row_count(inputs, root)
         scores, sizes = _feature_scores(attr, rows, per_token)
         if order_flat is None:
             order_flat = torch.zeros(scores.shape, dtype=torch.long)

@@ -100,7 +100,7 @@ def guided_integrated_gradients(fn, inputs, *, baselines=None, steps: int = 200,
         raise InvalidInputError(f"fraction must lie in (0, 1], got {fraction!r}", where=_WHERE, fix="e.g. 0.25")
     if not 0 <= float(max_dist) <= 1:
         raise InvalidInputError(f"max_dist must lie in [0, 1], got {max_dist!r}", where=_WHERE, fix="e.g. 0.02")
-    root, _ = autograd_gradient(fn, base, model)
+    root, grads = autograd_gradient(fn, base, model)  # the first step's gradient (the path starts at x')
     rows = row_count(inputs, root)
     x, b = flat_rows(inputs, rows), flat_rows(base, rows)
     delta = x - b
@@ -108,7 +108,8 @@ def guided_integrated_gradients(fn, inputs, *, baselines=None, steps: int = 200,
     p = b.clone()
     attr = torch.zeros_like(x)
     for t in range(1, steps + 1):
-        _, grads = autograd_gradient(fn, unflat_rows(p, inputs, rows), model)
+        if t > 1:
+            _, grads = autograd_gradient(fn, unflat_rows(p, inputs, rows), model)
         g = flat_rows(grads, rows)
         for r in range(rows):
             if float(l1[r]) == 0:

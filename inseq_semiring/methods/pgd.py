@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import InvalidInputError
+from ..graph.model_state import attribution_mode
 from ._engine import as_inputs, autograd_gradient, flat_rows, positive_int, row_count, unflat_rows
 
 _WHERE = "pgd_attribution"
@@ -45,18 +46,25 @@ def pgd_attribution(fn, inputs, *, epsilon: float = 0.1, steps: int = 10, step_s
     if not float(epsilon) > 0:
         raise InvalidInputError(f"epsilon must be > 0, got {epsilon!r}", where=_WHERE, fix="e.g. epsilon=0.1")
     eta = 2.5 * float(epsilon) / steps if step_size is None else float(step_size)
-    root, _ = autograd_gradient(fn, inputs, model)
+    grads = None
+    if random_start:
+        gen = torch.Generator().manual_seed(seed)
+        noise = tuple(torch.rand(t.shape, generator=gen, dtype=torch.float64) * 2 - 1 for t in inputs)
+    else:
+        root, grads = autograd_gradient(fn, inputs, model)  # the first step's gradient (δ_0 = 0)
+    if random_start:  # the number of rows needs the root: evaluate it once, without a gradient
+        with torch.no_grad(), attribution_mode(model):
+            root, grads = fn(*inputs), None
     rows = row_count(inputs, root)
     x = flat_rows(inputs, rows)
     delta = torch.zeros_like(x)
     if random_start:
-        gen = torch.Generator().manual_seed(seed)
-        noise = torch.rand(x.shape, generator=gen, dtype=torch.float64) * 2 - 1
-        delta = project(noise * float(epsilon), float(epsilon), norm)
+        delta = project(flat_rows(noise, rows) * float(epsilon), float(epsilon), norm)
     for _ in range(steps):
-        point = unflat_rows(x + delta, inputs, rows)
-        _, grads = autograd_gradient(fn, point, model)
+        if grads is None:
+            _, grads = autograd_gradient(fn, unflat_rows(x + delta, inputs, rows), model)
         g = flat_rows(grads, rows)
+        grads = None
         if norm == "l2":
             direction = g / g.norm(dim=1, keepdim=True).clamp_min(1e-300)
         else:
