@@ -47,7 +47,7 @@ def test_guided_ig_intermediate_max_dist_lies_between_and_stays_complete():
 
 def test_guided_ig_completeness_improves_with_steps_on_a_tiny_transformer():
     case = build("llama", per_row=True, batch=1)
-    # not the zero embedding: RMS norm of a near-zero vector has gradients of order eps^-1/2 (a Riemann sum's worst case)
+    # not the zero embedding: RMS norm near a zero vector has gradients of order eps^-1/2 (a Riemann sum's worst case)
     base = (0.5 * torch.randn(case.inputs[0].shape, dtype=D, generator=torch.Generator().manual_seed(9)),)
     with torch.no_grad():
         delta = float((case.fn(*case.inputs) - case.fn(*base))[0])

@@ -1,21 +1,19 @@
 """Inseq plugin, part 2: the gradient methods of :mod:`inseq_semiring.methods` as Inseq attribution methods.
 
-================================ ====================================================== ==========================
-method                           what                                                   baselines
-================================ ====================================================== ==========================
-``deeplift_shap``                DeepLift (exact secants) averaged over baselines       ``zero`` and Inseq's (UNK)
-``guided_backprop``              Guided Backprop at every element-wise activation       --
-``guided_integrated_gradients``  adaptive-path IG (``steps``, ``fraction``, ``max_dist``) Inseq's (UNK)
-``greedy_pig``                   IG in ``rounds`` fixing the top ``k`` tokens            Inseq's (UNK)
-``pgd_attribution``              VaPGD / PGDInp (``epsilon``, ``steps``, ``step_size``, ``norm``, ``variant``) --
-================================ ====================================================== ==========================
+* ``deeplift_shap``: DeepLift with exact secant multipliers, averaged over baselines (default: the zero embeddings
+  and Inseq's UNK-token baseline);
+* ``guided_backprop``: Guided Backprop with the backward signal clipped at every element-wise activation;
+* ``guided_integrated_gradients``: adaptive-path IG (``steps``, ``fraction``, ``max_dist``; Inseq's baseline);
+* ``greedy_pig``: IG in ``rounds``, each fixing the top ``k`` tokens (``steps`` per round; Inseq's baseline);
+* ``pgd_attribution``: VaPGD / PGDInp (``epsilon``, ``steps``, ``step_size``, ``norm``, ``variant``).
 
 Each gives Inseq's granular output (one value per embedding dimension, like ``deeplift``), so ``.show()``,
 ``.save()``, aggregation and batching behave as for Inseq's own gradient methods. The root of each generation step is
 the attributed function (``probability`` by default, or e.g. ``contrast_prob_diff``); ``attribute_target=True`` and
 encoder-decoder models attribute the decoder inputs as well. ``deeplift_shap`` options: ``baseline_set``
-(``"zero+unk"`` default, ``"zero"``, ``"unk"``: Inseq's baseline embeddings, i.e. the UNK token's, EOS kept; or a list of tuples of tensors
-shaped like the inputs) and ``n_baselines``. ``greedy_pig`` selects whole tokens (``per_token=True``).
+(``"zero+unk"`` default, ``"zero"``, ``"unk"``: Inseq's baseline embeddings, i.e. the UNK token's, EOS kept; or a
+list of tuples of tensors shaped like the inputs) and ``n_baselines``. ``greedy_pig`` selects whole tokens
+(``per_token=True``).
 
 Registered by :func:`inseq_semiring.integrations.inseq.register` (idempotent; :func:`register` here).
 """

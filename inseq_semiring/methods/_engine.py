@@ -106,7 +106,8 @@ def as_baselines(baselines, inputs: tuple[Tensor, ...], where: str) -> list[tupl
         b = (b,) if isinstance(b, Tensor) else tuple(b)
         if len(b) != len(inputs):
             raise InvalidInputError(f"baseline {k} has {len(b)} tensors but there are {len(inputs)} inputs",
-                                    where=where, fix="give one baseline tensor per input (a tuple), or a list of tuples")
+                                    where=where,
+                                    fix="give one baseline tensor per input (a tuple), or a list of tuples")
         row = []
         for i, (t, x) in enumerate(zip(b, inputs)):
             if not isinstance(t, Tensor):

@@ -48,7 +48,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..errors import UnsupportedModelError, UnsupportedOpError
 from ..graph.tape import OpRecord, Tape
-from ..rules.jacobians import LayerNormRow, Pointwise, RowDense
+from ..rules.jacobians import Pointwise, RowDense
 from ..rules.pointwise import UNARY
 from ..rules.registry import DEFAULT_RULES, Edge, RuleSet, functional_twin
 from ..rules.structural import INDEX_OPS
