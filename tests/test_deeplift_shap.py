@@ -211,14 +211,28 @@ def test_a_constant_that_differs_between_the_passes_is_an_error():
 
 
 def test_model_state_is_restored_after_an_error():
+    from inseq_semiring.methods import guided_backprop
+
     case = build("llama", per_row=True, batch=1)
-    case.model.train()
+    model = case.model
+
+    def failing(e):
+        case.fn(e)  # runs the model in attribution mode (eval, eager), then fails
+        raise RuntimeError("boom")
+
+    model.train()
+    model.set_attn_implementation("sdpa")
     try:
+        for method in (deeplift_shap, guided_backprop):
+            with pytest.raises(RuntimeError, match="boom"):
+                method(failing, case.inputs, model=model)
+            assert model.training and model.config._attn_implementation == "sdpa"
         with pytest.raises(InvalidInputError):
-            deeplift_shap(case.fn, case.inputs, baselines=[(torch.zeros(9),)], model=case.model)
-        assert case.model.training
+            deeplift_shap(case.fn, case.inputs, baselines=[(torch.zeros(9),)], model=model)
+        assert model.training
     finally:
-        case.model.eval()
+        model.eval()
+        model.set_attn_implementation("eager")
 
 
 def test_sdpa_models_are_attributed_through_eager_attention_and_restored():
