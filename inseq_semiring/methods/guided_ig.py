@@ -39,8 +39,7 @@ _TOL = 1e-9
 
 def _lower_quantile(values: torch.Tensor, q: float) -> torch.Tensor:
     """The ``q`` quantile of a 1-D tensor taking the lower of two neighbours (an element of ``values``)."""
-    ordered = torch.sort(values).values
-    return ordered[int(math.floor(q * (values.numel() - 1)))]
+    return torch.kthvalue(values, int(math.floor(q * (values.numel() - 1))) + 1).values
 
 
 def _guided_step(p, g, x, b, delta, t, steps, fraction, max_dist, l1_total):
@@ -52,9 +51,10 @@ def _guided_step(p, g, x, b, delta, t, steps, fraction, max_dist, l1_total):
     p_lo, p_hi = b + lo * delta, b + hi * delta
     target = l1_total * (1.0 - alpha)
 
+    safe_delta = torch.where(moving, delta, torch.ones_like(delta))
+
     def position():
-        return torch.where(moving, (p - b) / torch.where(moving, delta, torch.ones_like(delta)),
-                           torch.full_like(p, hi))
+        return torch.where(moving, (p - b) / safe_delta, torch.full_like(p, hi))
 
     behind = position() < lo
     if bool(behind.any()):
