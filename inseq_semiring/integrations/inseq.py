@@ -456,6 +456,13 @@ def register() -> dict[str, type]:
         inseq_relevance.register()
     else:  # that module is being imported (its Inseq import fired the autoload hook): it registers at its end
         inseq_relevance._register_when_imported = True
+    try:  # the gradient methods (deeplift_shap, guided_backprop, ...); never at the cost of the four above
+        from . import inseq_gradient_methods
+
+        inseq_gradient_methods.register()
+    except Exception as e:  # pragma: no cover - reported, not raised
+        warnings.warn(f"inseq-semiring could not register its gradient methods: {type(e).__name__}: {e}",
+                      stacklevel=2)
     return dict(_STATE["classes"])
 
 
@@ -476,6 +483,9 @@ def unregister() -> None:
     from . import inseq_relevance
 
     inseq_relevance.unregister()
+    from . import inseq_gradient_methods
+
+    inseq_gradient_methods.unregister()
     gc.collect()
 
 
