@@ -274,3 +274,54 @@ def test_a_killed_ray_worker_loses_no_row_and_writes_none_twice(tiny_gpt2_dir, b
     _rows_equal(df, baseline[1])
     assert dead in set(df["worker"]) and len(set(df["worker"])) >= 2  # its first batch was committed
     assert not load_errors(out)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# the command line
+# ------------------------------------------------------------------------------------------------------------------
+def test_cli_attribute_dataset_runs_resumes_and_refuses(tiny_gpt2_dir, baseline, tmp_path, capsys):
+    from inseq_semiring import cli
+
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    out = tmp_path / "out"
+    common = ["attribute-dataset", "--data", str(data), "--out", str(out), "-m", tiny_gpt2_dir,
+              "--batch-size", "2", "--step-scores", "probability", "-q"]
+    assert cli.main(common + ["--max-batches", "3"]) == 0
+    assert "stopped: 6 rows attributed" in capsys.readouterr().err
+    assert cli.main(common) == 0
+    assert "complete: 6 rows attributed, 0 failed, 6 skipped" in capsys.readouterr().err
+    _rows_equal(load_results(out), baseline[1])
+    assert cli.main(common + ["--sign", "positive"]) == 2
+    err = capsys.readouterr().err
+    assert "inseq-semiring: error:" in err and "--overwrite" in err and "Traceback" not in err
+    assert cli.main(common + ["--option", "sign=\"positive\"", "--overwrite"]) == 0
+    assert set(load_results(out)["options"]) == {'{"sign": "positive"}'}
+
+
+def test_cli_ctrl_c_stops_cleanly_and_the_rerun_completes(tiny_gpt2_dir, baseline, tmp_path):
+    """A real SIGINT to a running ``inseq-semiring attribute-dataset``: exit 130, nothing half-written, resumable."""
+    import signal
+    import time
+
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "inseq_semiring.cli", "attribute-dataset", "--data", str(data), "--out", str(out),
+           "-m", tiny_gpt2_dir, "--batch-size", "1", "--step-scores", "probability", "-q"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and len(list((out / "shards").glob("part-*.parquet"))) < 2:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "interrupted" in err and "Traceback" not in err
+    assert json.loads((out / "manifest.json").read_text())["status"] == "interrupted"
+    assert not list(out.rglob("*.tmp"))
+    partial = load_results(out)  # every shard on disk is whole
+    assert 2 <= len(partial) < len(ROWS)
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    _rows_equal(load_results(out), baseline[1])

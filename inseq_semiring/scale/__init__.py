@@ -11,8 +11,16 @@ Modules: :mod:`.rows` (reading), :mod:`.batching` (length buckets), :mod:`.spec`
 :mod:`.progress`, :mod:`.runner`, :mod:`.results`.
 """
 
-from .progress import RunSummary
-from .results import load_errors, load_results
-from .runner import attribute_dataset
 
 __all__ = ["attribute_dataset", "load_results", "load_errors", "RunSummary"]
+
+_HOMES = {"attribute_dataset": "runner", "load_results": "results", "load_errors": "results", "RunSummary": "progress"}
+
+
+def __getattr__(name: str):
+    """Lazy exports: importing the package (e.g. the CLI's parser) needs neither pyarrow nor pandas nor Ray."""
+    if name in _HOMES:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_HOMES[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
