@@ -38,8 +38,9 @@ def require_ray():
 class RayExecutor:
     def __init__(self, spec: JobSpec, workers: int, address: str | None = None, num_cpus: int | None = None,
                  num_gpus: float = 0.0, threads: int = 1, keep_inseq: bool = False, max_attempts: int = 3,
-                 exit_during_batch: int | None = None, exit_flag: str | None = None):
+                 exit_during_batch: int | None = None, exit_flag: str | None = None, warmup: bool = False):
         self.ray = require_ray()
+        self.warmup = warmup
         self.spec, self.workers, self.address, self.num_cpus = spec, workers, address, num_cpus
         self.num_gpus, self.threads, self.keep_inseq, self.max_attempts = num_gpus, threads, keep_inseq, max_attempts
         self.hook = (exit_during_batch, exit_flag)
@@ -68,7 +69,7 @@ class RayExecutor:
     def _new_actor(self):
         during, flag = self.hook
         return self._actor_cls.remote(self.spec, threads=self.threads, keep_inseq=self.keep_inseq,
-                                      exit_during_batch=during, exit_flag=flag)
+                                      exit_during_batch=during, exit_flag=flag, warmup=self.warmup)
 
     def close(self) -> None:
         for actor in self.actors:

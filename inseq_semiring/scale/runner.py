@@ -60,7 +60,7 @@ def attribute_dataset(data: str | Path | Sequence[dict], out: str | Path, model:
                       batch_size: int = 8, step_scores: Sequence[str] = (), options: dict[str, Any] | None = None,
                       max_new_tokens: int = 5, overwrite: bool = False, num_cpus: int | None = None,
                       num_gpus: float | None = None, threads: int | None = None, save_inseq: bool = False,
-                      max_batches: int | None = None, progress: bool = True,
+                      max_batches: int | None = None, progress: bool = True, warmup: bool = False,
                       _exit_during_batch: int | None = None, _exit_flag: str | None = None) -> RunSummary:
     """Attribute every row of ``data`` with ``method`` and write the results to ``out`` (resumable).
 
@@ -70,7 +70,8 @@ def attribute_dataset(data: str | Path | Sequence[dict], out: str | Path, model:
     or ``address`` names a cluster). ``num_gpus`` per actor defaults to 1 when CUDA is available here.
     ``threads``: torch threads per worker (Ray: CPUs reserved per actor, default 1). ``options``: method options,
     passed to ``model.attribute``. ``save_inseq``: also keep each shard's Inseq output as JSON under ``inseq/``.
-    ``max_batches``: stop after committing that many batches (a re-run continues). Returns a
+    ``max_batches``: stop after committing that many batches (a re-run continues). ``warmup``: each worker
+    attributes one throw-away row when it starts (timings then exclude first-call costs). Returns a
     :class:`~.progress.RunSummary`; Ctrl-C stops cleanly (committed batches stay, the rest is redone on a re-run)
     and re-raises ``KeyboardInterrupt``. The leading-underscore arguments are a fault-injection hook for tests.
     """
@@ -84,13 +85,13 @@ def attribute_dataset(data: str | Path | Sequence[dict], out: str | Path, model:
     if workers == 0:
         from .local import LocalExecutor
 
-        executor = LocalExecutor(spec, threads=threads, keep_inseq=save_inseq)
+        executor = LocalExecutor(spec, threads=threads, keep_inseq=save_inseq, warmup=warmup)
     else:
         from .ray_pool import RayExecutor
 
         executor = RayExecutor(spec, workers, address=address, num_cpus=num_cpus, num_gpus=gpus,
                                threads=threads or 1, keep_inseq=save_inseq, exit_during_batch=_exit_during_batch,
-                               exit_flag=_exit_flag)
+                               exit_flag=_exit_flag, warmup=warmup)
     rows = rows_from_records(list(data)) if isinstance(data, (list, tuple)) else read_rows(data)
     out = prepare_output(out, spec, overwrite=overwrite)
     committer = Committer(out, keep_inseq=save_inseq)

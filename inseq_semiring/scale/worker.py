@@ -99,12 +99,12 @@ class AttributionWorker:
     """Holds one attribution model; :meth:`attribute_batch` returns a :class:`BatchResult`.
 
     ``threads``: torch intra-op threads of this worker. ``keep_inseq``: also return each row's Inseq output.
-    ``exit_during_batch`` / ``exit_flag`` are a fault-injection hook for tests: during the worker's
+    ``warmup``: attribute one throw-away row on start. ``exit_during_batch`` / ``exit_flag`` are a fault-injection hook for tests: during the worker's
     ``exit_during_batch``-th batch (1-based), after its first row, the process calls ``os._exit`` - once per
     ``exit_flag`` file (the first worker to create it)."""
 
     def __init__(self, spec: JobSpec, threads: int | None = None, keep_inseq: bool = False,
-                 exit_during_batch: int | None = None, exit_flag: str | None = None):
+                 exit_during_batch: int | None = None, exit_flag: str | None = None, warmup: bool = False):
         import torch
 
         if threads:
@@ -118,6 +118,8 @@ class AttributionWorker:
         self._options_json = spec.options_json()
         self._batches = 0
         self._exit = (exit_during_batch, exit_flag)
+        if warmup:  # one throw-away row, so that first-call costs (kernel loading, caches) count as start-up
+            self._attribute_row(Row("warmup", "The keys to the cabinet", " are"))
 
     def ready(self) -> str:
         return self.name
