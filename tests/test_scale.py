@@ -325,3 +325,13 @@ def test_cli_ctrl_c_stops_cleanly_and_the_rerun_completes(tiny_gpt2_dir, baselin
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     _rows_equal(load_results(out), baseline[1])
+
+
+def test_sva_rows_module_writes_a_valid_dataset(tmp_path):
+    res = subprocess.run([sys.executable, "-m", "inseq_semiring.scale.sva_rows", "--per-cell", "2"],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    (tmp_path / "sva.jsonl").write_text(res.stdout)
+    rows = read_rows(tmp_path / "sva.jsonl")
+    assert len(rows) == 20 and len({r.id for r in rows}) == 20
+    assert all(r.target.startswith(" ") and r.contrast.startswith(" ") and r.target != r.contrast for r in rows)

@@ -69,7 +69,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--save-inseq", action="store_true", help="also keep each row's Inseq output (JSON) under inseq/")
     p.add_argument("--max-batches", type=int, default=None, help="stop after this many batches (re-run continues)")
     p.add_argument("--overwrite", action="store_true",
-                   help="delete results computed with other settings instead of refusing")
+                   help="delete the results already in --out first (otherwise other settings are refused)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -87,10 +87,9 @@ def run(args: argparse.Namespace) -> int:
                                     num_cpus=args.num_cpus, num_gpus=args.gpus_per_worker, threads=args.threads,
                                     save_inseq=args.save_inseq, max_batches=args.max_batches,
                                     progress=not args.quiet)
-    except KeyboardInterrupt:
-        last = getattr(attribute_dataset, "last_summary", None)
-        if last is not None:
-            print(f"[inseq-semiring] {last.to_text()}", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        if getattr(e, "summary", None) is not None:
+            print(f"[inseq-semiring] {e.summary.to_text()}", file=sys.stderr)
         raise
     print(f"[inseq-semiring] {summary.to_text()}", file=sys.stderr)
     if summary.rows_failed:

@@ -50,14 +50,14 @@ def prepare_output(out: str | Path, spec: JobSpec, overwrite: bool = False) -> P
     out = Path(out)
     new = spec.fingerprint()
     old = read_manifest(out)
-    if old is not None and old.get("fingerprint") != new:
-        if not overwrite:
-            diff = "; ".join(_differences(old.get("fingerprint") or {}, new))
-            raise OutputMismatchError(f"the output folder holds results computed with other settings ({diff})",
-                                      str(out), "use the same settings to resume, another --out folder, or "
-                                                "--overwrite (overwrite=True) to delete the old results")
+    if overwrite and old is not None:
         _clear(out)
         old = None
+    if old is not None and old.get("fingerprint") != new:
+        diff = "; ".join(_differences(old.get("fingerprint") or {}, new))
+        raise OutputMismatchError(f"the output folder holds results computed with other settings ({diff})",
+                                  str(out), "use the same settings to resume, another --out folder, or "
+                                            "--overwrite (overwrite=True) to delete the old results")
     elif old is None and out.is_dir() and any(out.iterdir()):
         if not overwrite:
             raise OutputMismatchError("the output folder exists, is not empty and has no manifest.json", str(out),

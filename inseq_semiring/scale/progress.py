@@ -11,7 +11,8 @@ __all__ = ["Progress", "RunSummary"]
 
 @dataclass
 class RunSummary:
-    """``status``: ``complete`` (every row recorded), ``stopped`` (``max_batches`` reached) or ``interrupted``."""
+    """``status``: ``complete`` (every row recorded), ``stopped`` (``max_batches`` reached), ``interrupted``
+    (Ctrl-C) or ``failed`` (an unexpected error; the committed rows stay)."""
 
     out: str
     status: str

@@ -106,6 +106,10 @@ class RayExecutor:
                 except died as e:
                     self.deaths += 1
                     self.actors.remove(actor)
+                    try:  # dead already, or unreachable: make sure it does not come back with the batch
+                        ray.kill(actor)
+                    except Exception:
+                        pass
                     if replacements > 0:
                         replacements -= 1
                         fresh = self._new_actor()

@@ -14,7 +14,15 @@ from .progress import Progress, RunSummary
 from .rows import Row, read_rows, rows_from_records
 from .spec import DEFAULT_MODEL, JobSpec
 
-__all__ = ["attribute_dataset"]
+__all__ = ["attribute_dataset", "RunInterrupted"]
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C during :func:`attribute_dataset`, after a clean stop; ``summary`` says what was committed."""
+
+    def __init__(self, summary: RunSummary):
+        super().__init__(summary.to_text())
+        self.summary = summary
 
 
 def _check_method(method: str, options: dict) -> None:
@@ -73,7 +81,8 @@ def attribute_dataset(data: str | Path | Sequence[dict], out: str | Path, model:
     ``max_batches``: stop after committing that many batches (a re-run continues). ``warmup``: each worker
     attributes one throw-away row when it starts (timings then exclude first-call costs). Returns a
     :class:`~.progress.RunSummary`; Ctrl-C stops cleanly (committed batches stay, the rest is redone on a re-run)
-    and re-raises ``KeyboardInterrupt``. The leading-underscore arguments are a fault-injection hook for tests.
+    and raises :class:`RunInterrupted` (a ``KeyboardInterrupt`` carrying the summary). ``overwrite``: delete the
+    results already in ``out`` first (otherwise a folder made with other settings is refused). The leading-underscore arguments are a fault-injection hook for tests.
     """
     options = dict(options or {})
     if workers < 0:
@@ -101,8 +110,8 @@ def attribute_dataset(data: str | Path | Sequence[dict], out: str | Path, model:
     batches = plan_batches(todo, batch_size) if todo else []
 
     done = failed = committed = 0
-    status = "complete"
-    t_start = time.perf_counter()
+    status, interrupted = "complete", None
+    t_start = t_loop = time.perf_counter()
     startup = 0.0
     bar = None
     try:
@@ -124,11 +133,13 @@ def attribute_dataset(data: str | Path | Sequence[dict], out: str | Path, model:
                     break
         finally:
             results.close()
-    except KeyboardInterrupt:
-        status = "interrupted"
+    except KeyboardInterrupt as e:
+        status, interrupted = "interrupted", e
+    except BaseException:
+        status = "failed"
         raise
     finally:
-        wall = time.perf_counter() - (t_loop if "t_loop" in locals() else t_start)
+        wall = time.perf_counter() - t_loop
         if bar is not None:
             bar.close()
         executor.close()
@@ -136,5 +147,6 @@ def attribute_dataset(data: str | Path | Sequence[dict], out: str | Path, model:
                         shards=committer.shards)
         summary = RunSummary(str(out), status, len(rows), done, failed, skipped, wall, startup,
                              max(workers, 1), getattr(executor, "deaths", 0))
-        attribute_dataset.last_summary = summary  # what a Ctrl-C'd caller can still read
+    if interrupted is not None:
+        raise RunInterrupted(summary) from interrupted
     return summary
