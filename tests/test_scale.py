@@ -335,3 +335,15 @@ def test_sva_rows_module_writes_a_valid_dataset(tmp_path):
     rows = read_rows(tmp_path / "sva.jsonl")
     assert len(rows) == 20 and len({r.id for r in rows}) == 20
     assert all(r.target.startswith(" ") and r.contrast.startswith(" ") and r.target != r.contrast for r in rows)
+
+
+def test_batches_group_rows_of_similar_length():
+    from inseq_semiring.scale.batching import plan_batches
+    from inseq_semiring.scale.rows import rows_from_records
+
+    rows = rows_from_records([{"id": i, "input": "x" * n} for i, n in enumerate([9, 1, 5, 1, 9, 5, 3])])
+    batches = plan_batches(rows, 2)
+    assert [b.ids for b in batches] == [("1", "3"), ("6", "2"), ("5", "0"), ("4",)]
+    assert sorted(i for b in batches for i in b.ids) == sorted(r.id for r in rows)
+    with pytest.raises(ValueError, match="batch size 0 is not positive"):
+        plan_batches(rows, 0)
