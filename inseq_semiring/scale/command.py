@@ -53,7 +53,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="Ray actors (default 0: in-process, no Ray needed)")
     p.add_argument("--address", default=None,
                    help="join an existing Ray cluster ('auto' or 'ray://host:10001') instead of starting a local one")
-    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray cluster (default: workers)")
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray cluster (default: workers x threads)")
     p.add_argument("--gpus-per-worker", type=float, default=None,
                    help="GPUs per actor (default: 1 when CUDA is available, else 0)")
     p.add_argument("--threads", type=int, default=None, help="torch threads per worker")
