@@ -9,6 +9,8 @@ exception out of :meth:`AttributionWorker.attribute_batch`:
 * ``empty_input``: the input text is empty or blank;
 * ``too_long``: input + target tokens exceed the model's context;
 * ``nan``: the attribution produced NaN where a score is defined (inf is kept: e.g. float32 flow of deep models);
+* ``invalid_input``: the engine refused the row with its own message (e.g. the semiring methods on a NaN forward
+  pass: "the model's output (the root) is NaN or inf");
 * ``failed``: any other exception, with its message.
 
 The same class runs in-process and as a Ray actor (:mod:`.ray_pool` wraps it).
@@ -189,6 +191,10 @@ class AttributionWorker:
                 record, out = self._attribute_row(row)
             except RowError as e:
                 result.errors.append({"id": row.id, "kind": e.kind, "message": str(e), "worker": self.name})
+                continue
+            except InvalidInputError as e:  # the engine refused the row (e.g. a NaN forward pass), with its message
+                result.errors.append({"id": row.id, "kind": "invalid_input", "message": f"row {row.id!r}: {e}",
+                                      "worker": self.name})
                 continue
             except Exception as e:  # one row's failure never stops the batch
                 msg = " ".join(str(e).split()) or type(e).__name__
