@@ -13,9 +13,11 @@
 
 ``inseq-semiring build-kernels``
     Builds the compiled CPU kernels now (``scripts/setup.sh`` runs it) instead of on first use.
+``inseq-semiring attribute-dataset --data ROWS.jsonl --out DIR [--workers N] ...``
+    Every row of a dataset, resumable, in-process or on Ray actors (:mod:`inseq_semiring.scale.command`).
 
 ``inseq-semiring inseq {attribute,attribute-dataset,attribute-context} ...`` (or directly
-``inseq-semiring attribute-dataset ...`` / ``attribute-context ...``)
+``inseq-semiring attribute-context ...``, and ``attribute-dataset --dataset_name ...``)
     Inseq's own commands, unchanged, with the plugin methods available (``-a semiring_maxpath``) and ``-m smollm2``
     mapped to the embedded model's local folder.
 
@@ -432,10 +434,19 @@ def build_parser() -> argparse.ArgumentParser:
     ins = sub.add_parser("inseq", help="run an Inseq command (attribute, attribute-dataset, attribute-context) with "
                                        "the plugin methods available", add_help=False)
     ins.add_argument("inseq_args", nargs=argparse.REMAINDER)
-    for name in INSEQ_COMMANDS[1:]:
+    from .scale import command as dataset_command  # `attribute-dataset --data ...`: dataset runs (scale/)
+
+    dataset_command.add_parser(sub)
+    for name in INSEQ_COMMANDS[2:]:
         p = sub.add_parser(name, help=f"Inseq's '{name}' command with the plugin methods available", add_help=False)
         p.add_argument("inseq_args", nargs=argparse.REMAINDER)
     return parser
+
+
+def _dataset_command_wanted(argv: Sequence[str]) -> bool:
+    from .scale.command import is_ours
+
+    return is_ours(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -448,6 +459,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         passthrough = rest[1:]
     elif rest and rest[0] in INSEQ_COMMANDS[1:]:
         passthrough = rest
+        if rest[0] == "attribute-dataset" and _dataset_command_wanted(rest[1:]):
+            passthrough = None
     args = None
     if passthrough is None:
         parser = build_parser()
@@ -465,6 +478,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_paths(args)
         if args.command == "build-kernels":
             return _cmd_build_kernels(args)
+        if args.command == "attribute-dataset":
+            from .scale.command import run as run_dataset
+
+            return run_dataset(args)
         return _cmd_attribute(args)
     except KeyboardInterrupt:
         print("inseq-semiring: interrupted", file=sys.stderr)
