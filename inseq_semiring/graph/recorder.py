@@ -273,7 +273,8 @@ def record(
     decomposition = resolve(decomposition)
     mode = _RecordingMode(rules, names, decomposition)
     model_class = type(model).__name__ if model is not None else ""
-    traced = [t if t.requires_grad else t.detach().requires_grad_(True) for t in inputs]
+    traced = [t if t.requires_grad or not (t.is_floating_point() or t.is_complex()) else t.detach().requires_grad_(True)
+              for t in inputs]
     input_ids = []
     for t in traced:
         input_ids.append(mode.track(t))
