@@ -233,6 +233,9 @@ def test_model_state_is_unchanged_also_after_an_exception():
 
     with pytest.raises(RuntimeError, match="midway"):
         lrp.relevance(boom, case.inputs, "attn_lrp", model=model)
+    with pytest.raises(lrp.UnsupportedRelevanceOpError):  # raised after recording, by the rule plan
+        lrp.relevance(lambda e: model(inputs_embeds=e.cumsum(1)).logits[0, -1, 3], case.inputs, "attn_lrp",
+                      model=model)
     lrp.relevance(lambda e: model(inputs_embeds=e).logits[0, -1, 3], case.inputs, "cp_lrp", model=model)
     p2, t2, a2 = _state(model)
     assert a2 == attn and t2 == training and all(torch.equal(params[n], p2[n]) for n in params)

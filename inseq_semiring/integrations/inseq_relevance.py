@@ -67,8 +67,8 @@ class RelevanceAttributionRegistry(GradientAttributionRegistry, Registry):
         if self.attribution_model.is_encoder_decoder:
             raise InvalidInputError(f"{self.relevance} supports decoder-only models (one attention stack); this "
                                     "model is an encoder-decoder", where=f"inseq method '{self.relevance}'",
-                                    fix="use attn_lrp / cp_lrp, or inseq_semiring.lrp.attention.trace_maps on "
-                                    "selected layers")
+                                    fix="use attn_lrp / cp_lrp, or inseq_semiring.lrp.attention_tracing(..., "
+                                    "stack='encoder') in Python")
         tape = record_tape(fn, inputs, model)
         maps = _attention.attention_maps(tape)
         combine = _attention.trace_maps if self.relevance == "attention_tracing" else _attention.rollout_maps

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from typing import Callable, Sequence
 
+import re
+
 import torch
 
 from ..errors import InvalidInputError
@@ -24,19 +26,30 @@ aten = torch.ops.aten
 _SOFTMAX = {aten._softmax.default, aten._safe_softmax.default}
 
 
-def attention_maps(tape: Tape) -> list[torch.Tensor]:
-    """The attention probabilities of every attention layer, in execution order: ``[B, H, T, S]`` each."""
-    maps = [rec.outputs[0] for rec in tape.records if rec.op in _SOFTMAX and rec.outputs[0].dim() == 4]
+#: module-name parts of cross-attention layers (excluded when one stack is selected)
+_CROSS = re.compile(r"(EncDecAttention|encoder_attn|crossattention|cross_attn)")
+
+
+def attention_maps(tape: Tape, stack: str | None = None) -> list[torch.Tensor]:
+    """The attention probabilities of every attention layer, in execution order: ``[B, H, T, S]`` each.
+    ``stack`` (e.g. ``"encoder"`` or ``"decoder"`` of an encoder-decoder): only the self-attention layers whose
+    module path has that component (cross-attention excluded)."""
+    recs = [rec for rec in tape.records if rec.op in _SOFTMAX and rec.outputs[0].dim() == 4]
+    if stack is not None:
+        part = re.compile(rf"(^|\.){re.escape(stack)}(\.|$)")
+        recs = [r for r in recs if part.search(r.module_path) and not _CROSS.search(r.module_path)]
+    maps = [rec.outputs[0] for rec in recs]
     if not maps:
         raise InvalidInputError("no attention probabilities (a softmax over [batch, heads, query, key] scores) depend "
-                                "on the inputs", where="inseq_semiring.lrp.attention",
+                                f"on the inputs{'' if stack is None else f' in stack {stack!r}'}",
+                                where="inseq_semiring.lrp.attention",
                                 fix="attribute to the embeddings of a transformer with eager or SDPA attention")
     shapes = {tuple(a.shape) for a in maps}
     square = all(a.shape[-1] == a.shape[-2] for a in maps)
     if len({(s[0], s[2], s[3]) for s in shapes}) != 1 or not square:
         raise InvalidInputError(f"the attention layers have different shapes {sorted(shapes)} (an encoder-decoder?)",
                                 where="inseq_semiring.lrp.attention",
-                                fix="trace one stack at a time: pass maps=... selecting layers of one shape")
+                                fix="trace one stack at a time: stack='encoder' or stack='decoder'")
     return maps
 
 
@@ -79,13 +92,13 @@ def _tape(fn, inputs, model, tape):
 
 
 def attention_tracing(fn: Callable[..., torch.Tensor] | None, inputs=(), *, model=None, position: int = -1,
-                      tape: Tape | None = None) -> torch.Tensor:
+                      tape: Tape | None = None, stack: str | None = None) -> torch.Tensor:
     """LAT scores ``[B, S]`` of the input positions for the read-out ``position`` (-1: a causal LM's predicted
-    position; 0: a classifier's pooled [CLS])."""
-    return trace_maps(attention_maps(_tape(fn, inputs, model, tape)), position)
+    position; 0: a classifier's pooled [CLS]); ``stack``: see :func:`attention_maps`."""
+    return trace_maps(attention_maps(_tape(fn, inputs, model, tape), stack), position)
 
 
 def attention_rollout(fn: Callable[..., torch.Tensor] | None, inputs=(), *, model=None, position: int = -1,
-                      tape: Tape | None = None) -> torch.Tensor:
+                      tape: Tape | None = None, stack: str | None = None) -> torch.Tensor:
     """Attention-rollout scores ``[B, S]`` for the read-out ``position``."""
-    return rollout_maps(attention_maps(_tape(fn, inputs, model, tape)), position)
+    return rollout_maps(attention_maps(_tape(fn, inputs, model, tape), stack), position)
