@@ -374,3 +374,19 @@ def load_results_ids(out):
     import pyarrow.parquet as pq
 
     return [i for p in sorted((out / "shards").glob("part-*.parquet")) for i in pq.read_table(p)["id"].to_pylist()]
+
+
+def test_cli_joins_an_existing_cluster_with_address(tiny_gpt2_dir, baseline, ray_cluster, tmp_path):
+    """A second driver process (the CLI) joins this module's cluster with --address; the cluster stays up."""
+    address = ray_cluster.get_runtime_context().gcs_address
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "inseq_semiring.cli", "attribute-dataset", "--data", str(data), "--out", str(out),
+           "-m", tiny_gpt2_dir, "--batch-size", "2", "--step-scores", "probability", "-q", "--workers", "2",
+           "--address", address]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "complete: 12 rows attributed" in res.stderr
+    _rows_equal(load_results(out), baseline[1])
+    assert ray_cluster.is_initialized() and ray_cluster.cluster_resources().get("CPU") == 2
