@@ -105,3 +105,14 @@ def test_activation_written_as_a_formula_is_clipped_once_at_its_output(act_name)
     torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
     plain = torch.autograd.grad(net(e).sum(), e)[0]
     assert not torch.allclose(ours, plain)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama", "qwen2", "mistral", "gemma", "bert", "roberta", "distilbert", "t5",
+                                  "bart"])
+def test_runs_on_every_architecture_and_clips_something(name):
+    case = build(name, per_row=True, batch=2)
+    ours = guided_backprop(case.fn, case.inputs, model=case.model)
+    xs = tuple(x.clone().requires_grad_(True) for x in case.inputs)
+    grads = torch.autograd.grad(case.fn(*xs).sum(), xs)
+    assert all(o.shape == g.shape and bool(torch.isfinite(o).all()) for o, g in zip(ours, grads))
+    assert any(not torch.allclose(o, g, rtol=1e-6, atol=1e-9) for o, g in zip(ours, grads))
