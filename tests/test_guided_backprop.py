@@ -74,3 +74,45 @@ def test_gradient_unchanged_where_no_activation():
     e = x.clone().requires_grad_(True)
     g, = torch.autograd.grad(f(e).sum(), e)
     torch.testing.assert_close(ours, g, rtol=1e-12, atol=1e-12)
+
+
+class _Net(torch.nn.Module):
+    def __init__(self, act):
+        super().__init__()
+        gen = torch.Generator().manual_seed(5)
+        self.lin1, self.act, self.lin2 = torch.nn.Linear(4, 7).to(D), act, torch.nn.Linear(7, 1).to(D)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=gen, dtype=D))
+
+    def forward(self, x, clip_hook=False):
+        h = self.act(self.lin1(x))
+        if clip_hook:
+            h.register_hook(lambda g: g.clamp_min(0))  # the reference: clip the signal at the activation's output
+        return self.lin2(h)[:, 0]
+
+
+@pytest.mark.parametrize("act_name", ["NewGELUActivation", "GELUActivation", "SiLU"])
+def test_activation_written_as_a_formula_is_clipped_once_at_its_output(act_name):
+    import transformers.activations as acts
+
+    act = getattr(acts, act_name)() if hasattr(acts, act_name) else getattr(torch.nn, act_name)()
+    net = _Net(act)
+    x = torch.randn(6, 4, dtype=D, generator=torch.Generator().manual_seed(6))
+    ours, = guided_backprop(net, x, model=net)
+    e = x.clone().requires_grad_(True)
+    ref, = torch.autograd.grad(net(e, clip_hook=True).sum(), e)
+    torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
+    plain = torch.autograd.grad(net(e).sum(), e)[0]
+    assert not torch.allclose(ours, plain)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama", "qwen2", "mistral", "gemma", "bert", "roberta", "distilbert", "t5",
+                                  "bart"])
+def test_runs_on_every_architecture_and_clips_something(name):
+    case = build(name, per_row=True, batch=2)
+    ours = guided_backprop(case.fn, case.inputs, model=case.model)
+    xs = tuple(x.clone().requires_grad_(True) for x in case.inputs)
+    grads = torch.autograd.grad(case.fn(*xs).sum(), xs)
+    assert all(o.shape == g.shape and bool(torch.isfinite(o).all()) for o, g in zip(ours, grads))
+    assert any(not torch.allclose(o, g, rtol=1e-6, atol=1e-9) for o, g in zip(ours, grads))
