@@ -264,6 +264,17 @@ def _all_finite(x: Tensor) -> bool:
     return not x.numel() or bool((x.amin() > float("-inf")) & (x.amax() < float("inf")))
 
 
+def _partial_ties(slices: Tensor, mx, mn, hi_a, lo_a):
+    """In partly reachable slices the winner is the smallest index over all candidates (M+ and M- offers alike), so
+    where the two kernels tie, the smaller of their first indices (elsewhere, and in fully reachable slices, the
+    M+ kernel's on a tie, as before)."""
+    if hi_a is None:
+        return hi_a, lo_a
+    hi_a = torch.where(slices & (mx[0][0] == mx[1][0]), torch.minimum(mx[0][1], mx[1][1]), hi_a)
+    lo_a = torch.where(slices & (mn[0][0] == mn[1][0]), torch.minimum(mn[0][1], mn[1][1]), lo_a)
+    return hi_a, lo_a
+
+
 def _merge(mx, mn, index: bool):
     hi_v = torch.maximum(mx[0][0], mx[1][0])
     lo_v = torch.minimum(mn[0][0], mn[1][0])
@@ -299,10 +310,11 @@ def _signed_matmul_rows(kind: MatMul, hi: Tensor, lo: Tensor, index: bool):
         hi_v, hi_a, lo_v, lo_a = _merge(mx, mn, index)
         partial = None if rr is None else ~rr.all(-1)
         if partial is not None and bool(partial.any()):  # see _signed_matmul
+            hi_a, lo_a = _partial_ties(partial.unsqueeze(-1), mx, mn, hi_a, lo_a)
             slices = partial.unsqueeze(-1)
             h3, l3, w3 = fh[sel].unsqueeze(0), fl[sel].unsqueeze(0), w.unsqueeze(0)
-            for redo, largest, vals, args in ((slices & (mx[0][0] == mx[1][0]), True, hi_v, hi_a),
-                                              (slices & (mn[0][0] == mn[1][0]), False, lo_v, lo_a)):
+            for redo, largest, vals, args in ((slices & (hi_v == 0), True, hi_v, hi_a),
+                                              (slices & (lo_v == 0), False, lo_v, lo_a)):
                 _exact_outputs(redo.unsqueeze(0), largest, True, h3, l3, w3, vals.unsqueeze(0),
                                None if args is None else args.unsqueeze(0))
         if everywhere:
@@ -348,10 +360,11 @@ def _signed_matmul(kind: MatMul, hi: Tensor, lo: Tensor, index: bool = True):
         partial = ~full & ~none
         if bool(partial.any()):
             slices = partial.unsqueeze(-1) if kind.left else partial.unsqueeze(-2)
-            # An absent element entered both kernels (M+ and M-) as the candidate 0, so where it wins, the two
-            # kernels tie (at 0); a tie may also need the smaller index of the other kernel. Ties are redone exactly.
-            redo_h = slices & (mx[0][0] == mx[1][0])
-            redo_l = slices & (mn[0][0] == mn[1][0])
+            hi_a, lo_a = _partial_ties(slices, mx, mn, hi_a, lo_a)
+            # An absent element entered the kernels as the candidate 0, so there M+' >= 0 >= M-', and the masked
+            # result can only differ where M+' = 0 (M-' = 0): those outputs are redone exactly.
+            redo_h = slices & (hi_v == 0)
+            redo_l = slices & (lo_v == 0)
             h3, l3 = hi.reshape(-1, m, n), lo.reshape(-1, m, n)
             for redo, largest, vals, args in ((redo_h, True, hi_v, hi_a), (redo_l, False, lo_v, lo_a)):
                 _exact_outputs(redo, largest, kind.left, h3, l3, w3, vals, args)
