@@ -6,7 +6,7 @@ for) at 32 / 128 / 512 tokens, root ``logits[0, 0]``; and the GPT-2-small shape 
 weights, eager attention) at 64 tokens, root the log-probability of one next token. Each timing is
 ``isr.run(..., model=m)`` with its own forward pass; the baseline is ``torch.autograd.grad`` (forward + backward).
 float32, median of ``--repeats`` of the process CPU time (one thread: the call's own work, robust when other
-processes share the cores), with the wall-clock median alongside.
+processes share the cores), with the wall-clock median alongside; the modes and the baseline run round-robin.
 
 ``--profile``: seconds spent in the semiring's pulls per Jacobian kind (one extra run per mode).
 
@@ -78,17 +78,21 @@ def gpt2_small(tokens: int):
     return model, emb, root
 
 
-def median_time(fn, repeats: int) -> tuple[float, float]:
-    """Median wall-clock and median process CPU seconds of ``repeats`` calls (after one warm-up call). With one
-    thread the CPU time is the call's own work, also when other processes share the machine's cores."""
-    fn()  # warm-up (kernel builds, allocator)
-    wall, cpu = [], []
+def interleaved_times(calls: dict, repeats: int) -> dict[str, tuple[float, float]]:
+    """Median wall-clock and median process CPU seconds of ``repeats`` calls of each function (after one warm-up
+    call each), run round-robin so that a slow phase of a shared machine hits every mode alike. With one thread the
+    CPU time is the call's own work, also when other processes share the machine's cores."""
+    for fn in calls.values():
+        fn()  # warm-up
+    wall = {k: [] for k in calls}
+    cpu = {k: [] for k in calls}
     for _ in range(repeats):
-        t0, c0 = time.perf_counter(), time.process_time()
-        fn()
-        wall.append(time.perf_counter() - t0)
-        cpu.append(time.process_time() - c0)
-    return statistics.median(wall), statistics.median(cpu)
+        for k, fn in calls.items():
+            t0, c0 = time.perf_counter(), time.process_time()
+            fn()
+            wall[k].append(time.perf_counter() - t0)
+            cpu[k].append(time.process_time() - c0)
+    return {k: (statistics.median(wall[k]), statistics.median(cpu[k])) for k in calls}
 
 
 def autograd_call(fn, emb):
@@ -144,12 +148,13 @@ def main() -> None:
     profiles = []
     for label, build, tokens in cases:
         model, emb, fn = build(tokens)
-        base = median_time(lambda: autograd_call(fn, emb), args.repeats)
-        times = {}
+        calls = {"autograd": lambda: autograd_call(fn, emb)}
         for mode, opts in modes:
-            times[mode] = median_time(lambda o=opts: isr.run(fn, emb, "maxpath", model=model, **o), args.repeats)
-            if args.profile:
-                profiles.append((label, tokens, mode, profile(model, emb, fn, opts)))
+            calls[mode] = lambda o=opts: isr.run(fn, emb, "maxpath", model=model, **o)
+        times = interleaved_times(calls, args.repeats)
+        base = times.pop("autograd")
+        if args.profile:
+            profiles += [(label, tokens, mode, profile(model, emb, fn, opts)) for mode, opts in modes]
         print(f"| {label} | {tokens} | autograd.grad | {base[1] * 1e3:.1f} | - | 1.00 | {base[0] * 1e3:.1f} |",
               flush=True)
         for mode, (wall, cpu) in times.items():

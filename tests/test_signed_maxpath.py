@@ -148,11 +148,13 @@ def _brute_matmul(kind: MatMul, hi, lo):
     return vh, flat(ah), vl, flat(al)
 
 
+@pytest.mark.parametrize("sparse", [False, True], ids=["scattered", "mostly-absent-slices"])
 @pytest.mark.parametrize("shape", ["rows", "left", "right"])
 @pytest.mark.parametrize("values", ["integers", "same-sign", "equal"])
-def test_matmul_pull_with_absent_elements_equals_brute_force(shape, values):
+def test_matmul_pull_with_absent_elements_equals_brute_force(shape, values, sparse):
     """Absent elements enter the kernels as 0; where that could matter (ties, results <= 0) the pull must still
-    give the masked max / min and the smallest index, as an explicit loop over the candidates does."""
+    give the masked max / min and the smallest index, as an explicit loop over the candidates does. With most
+    slices absent, batched products go slice by slice over the live part (rows and contraction positions)."""
     bad = []
     for seed in range(12):
         g = torch.Generator().manual_seed(seed)
@@ -167,6 +169,10 @@ def test_matmul_pull_with_absent_elements_equals_brute_force(shape, values):
             lo = hi.clone()
         gone = torch.rand(B, m, n, generator=g) < 0.4
         gone[0, 0] = True  # a fully absent row
+        if sparse:  # most slices (rows; columns for a right factor) and a contraction position absent throughout
+            gone |= torch.rand(B, 1, n, generator=g) < 0.8 if shape == "right" else torch.rand(B, m, 1, generator=g) < 0.8
+            gone[:, :, 1] |= shape != "right"
+            gone[:, 1, :] |= shape == "right"
         hi, lo = hi.masked_fill(gone, float("-inf")), lo.masked_fill(gone, float("inf"))
         if shape == "rows":  # one 2-D weight (a linear layer): the live-row path
             hi, lo = hi.reshape(B * m, n), lo.reshape(B * m, n)

@@ -264,11 +264,40 @@ def _all_finite(x: Tensor) -> bool:
     return not x.numel() or bool((x.amin() > float("-inf")) & (x.amax() < float("inf")))
 
 
+def _partial_ties(slices: Tensor, mx, mn, hi_a, lo_a):
+    """In partly reachable slices the winner is the smallest index over all candidates (M+ and M- offers alike), so
+    where the two kernels tie, the smaller of their first indices (elsewhere, and in fully reachable slices, the
+    M+ kernel's on a tie, as before)."""
+    if hi_a is None:
+        return hi_a, lo_a
+    hi_a = torch.where(slices & (mx[0][0] == mx[1][0]), torch.minimum(mx[0][1], mx[1][1]), hi_a)
+    lo_a = torch.where(slices & (mn[0][0] == mn[1][0]), torch.minimum(mn[0][1], mn[1][1]), lo_a)
+    return hi_a, lo_a
+
+
 def _merge(mx, mn, index: bool):
     hi_v = torch.maximum(mx[0][0], mx[1][0])
     lo_v = torch.minimum(mn[0][0], mn[1][0])
     hi_a = torch.where(mx[1][0] > mx[0][0], mx[1][1], mx[0][1]) if index else None
     lo_a = torch.where(mn[1][0] < mn[0][0], mn[1][1], mn[0][1]) if index else None
+    return hi_v, hi_a, lo_v, lo_a
+
+
+def _rows_core(rh: Tensor, rl: Tensor, rr: Tensor | None, w: Tensor, index: bool, partial: Tensor | None):
+    """``max/min_c`` of the offers of rows ``rh``/``rl`` ([R, n], absent = -inf/+inf; ``rr`` their reachability or
+    None when all are reachable) through ``w`` [n, k]: ``(hi, arg, lo, arg)`` [R, k] (args None unless ``index``).
+    ``partial``: the rows that count as partly reachable (the smallest index wins an M+/M- tie there)."""
+    zh, zl = (rh, rl) if rr is None else (rh.masked_fill(~rr, 0), rl.masked_fill(~rr, 0))
+    mx, mn = _extremes(lambda x, i: max_times(x, w, argmax=i), zh, zl, 0, index)
+    hi_v, hi_a, lo_v, lo_a = _merge(mx, mn, index)
+    if partial is not None and bool(partial.any()):  # see _signed_matmul
+        slices = partial.unsqueeze(-1)
+        hi_a, lo_a = _partial_ties(slices, mx, mn, hi_a, lo_a)
+        h3, l3, w3 = rh.unsqueeze(0), rl.unsqueeze(0), w.unsqueeze(0)
+        for redo, largest, vals, args in ((slices & (hi_v == 0), True, hi_v, hi_a),
+                                          (slices & (lo_v == 0), False, lo_v, lo_a)):
+            _exact_outputs(redo.unsqueeze(0), largest, True, h3, l3, w3, vals.unsqueeze(0),
+                           None if args is None else args.unsqueeze(0))
     return hi_v, hi_a, lo_v, lo_a
 
 
@@ -291,20 +320,11 @@ def _signed_matmul_rows(kind: MatMul, hi: Tensor, lo: Tensor, index: bool):
         arg_l = torch.zeros_like(arg_h) if index else None
     if n_live:
         sel = slice(None) if all_live else live
-        rh, rl = fh[sel], fl[sel]
         rr = None if everywhere else reach[sel]
-        if rr is not None and not bool(rr.all()):
-            rh, rl = rh.masked_fill(~rr, 0), rl.masked_fill(~rr, 0)
-        mx, mn = _extremes(lambda x, i: max_times(x, w, argmax=i), rh, rl, 0, index)
-        hi_v, hi_a, lo_v, lo_a = _merge(mx, mn, index)
+        if rr is not None and bool(rr.all()):
+            rr = None
         partial = None if rr is None else ~rr.all(-1)
-        if partial is not None and bool(partial.any()):  # see _signed_matmul
-            slices = partial.unsqueeze(-1)
-            h3, l3, w3 = fh[sel].unsqueeze(0), fl[sel].unsqueeze(0), w.unsqueeze(0)
-            for redo, largest, vals, args in ((slices & (mx[0][0] == mx[1][0]), True, hi_v, hi_a),
-                                              (slices & (mn[0][0] == mn[1][0]), False, lo_v, lo_a)):
-                _exact_outputs(redo.unsqueeze(0), largest, True, h3, l3, w3, vals.unsqueeze(0),
-                               None if args is None else args.unsqueeze(0))
+        hi_v, hi_a, lo_v, lo_a = _rows_core(fh[sel], fl[sel], rr, w, index, partial)
         if everywhere:
             out_h, out_l, arg_h, arg_l = hi_v, lo_v, hi_a, lo_a
         else:
@@ -318,11 +338,61 @@ def _signed_matmul_rows(kind: MatMul, hi: Tensor, lo: Tensor, index: bool):
     return out_h.reshape(shape), (rows + arg_h).reshape(shape), out_l.reshape(shape), (rows + arg_l).reshape(shape)
 
 
+#: A batched product whose output slices are mostly unreachable goes slice by slice over the live part only.
+_SPARSE_FRACTION = 0.5
+_SPARSE_MAX_BATCH = 64
+
+
+def _signed_matmul_sparse(kind: MatMul, hi: Tensor, lo: Tensor, reach: Tensor, index: bool):
+    """A batched product, one batch entry at a time, restricted to its rows with a reachable element and to the
+    contraction positions reachable in some row (entirely absent ones offer nothing, so dropping them is exact). A
+    right-factor product is the left one transposed. Partly reachable means: in the whole slice, as elsewhere."""
+    m, n = kind.mat_out[-2:]
+    h3, l3, r3 = hi.reshape(-1, m, n), lo.reshape(-1, m, n), reach.reshape(-1, m, n)
+    w = kind.weight
+    bsz = h3.shape[0]
+    w3 = w.reshape(-1, *w.shape[-2:]).expand(bsz, -1, -1) if w.dim() > 2 else w.expand(bsz, -1, -1)
+    rows, k = (m, w3.shape[-1]) if kind.left else (n, w3.shape[-2])
+    out_h = hi.new_full((bsz, rows, k), float("-inf"))
+    out_l = hi.new_full((bsz, rows, k), float("inf"))
+    arg_h = torch.zeros((bsz, rows, k), dtype=torch.long, device=hi.device) if index else None
+    arg_l = torch.zeros_like(arg_h) if index else None
+    for b in range(bsz):
+        ah, al, ar, wb = (h3[b], l3[b], r3[b], w3[b]) if kind.left else (h3[b].T, l3[b].T, r3[b].T, w3[b].T)
+        live = ar.any(1).nonzero().flatten()
+        if live.numel() == 0:
+            continue
+        cols = ar.any(0).nonzero().flatten()
+        sub = ar[live][:, cols]
+        partial = ~ar[live].all(1)
+        rr = None if bool(sub.all()) else sub
+        vh, ih, vl, il = _rows_core(ah[live][:, cols], al[live][:, cols], rr, wb[cols], index, partial)
+        out_h[b, live], out_l[b, live] = vh, vl
+        if index:
+            arg_h[b, live], arg_l[b, live] = cols[ih], cols[il]
+    bidx = torch.arange(bsz, device=hi.device).view(-1, 1, 1)
+    pos = torch.arange(rows, device=hi.device).view(1, -1, 1)
+    if kind.left:  # [B, m, k]; the winner a[b, r, c]
+        flat = (lambda a: (bidx * m + pos) * n + a) if index else None  # noqa: E731
+    else:  # computed as [B, n, k]; the winner a[b, r, s]
+        flat = (lambda a: (bidx * m + a) * n + pos) if index else None  # noqa: E731
+    outs = [out_h, None if not index else flat(arg_h), out_l, None if not index else flat(arg_l)]
+    if not kind.left:
+        outs = [None if t is None else t.transpose(1, 2) for t in outs]
+    shape = kind.in_shape
+    return tuple(None if t is None else t.reshape(shape) for t in outs)
+
+
 def _signed_matmul(kind: MatMul, hi: Tensor, lo: Tensor, index: bool = True):
     """Signed max/min-times. Absent elements enter the kernels as 0; partly reachable slices are then fixed exactly
     where that can matter."""
     all_reach = _all_finite(hi)
     reach = torch.isfinite(hi) if not all_reach else None
+    if reach is not None:
+        m, n = kind.mat_out[-2:]
+        r3 = reach.reshape(-1, m, n)
+        if r3.shape[0] <= _SPARSE_MAX_BATCH and float(r3.any(-1 if kind.left else -2).float().mean()) <= _SPARSE_FRACTION:
+            return _signed_matmul_sparse(kind, hi, lo, reach, index)
     h = hi if all_reach else torch.where(reach, hi, torch.zeros_like(hi))
     l = lo if all_reach else torch.where(reach, lo, torch.zeros_like(lo))
     w = kind.weight
@@ -348,10 +418,11 @@ def _signed_matmul(kind: MatMul, hi: Tensor, lo: Tensor, index: bool = True):
         partial = ~full & ~none
         if bool(partial.any()):
             slices = partial.unsqueeze(-1) if kind.left else partial.unsqueeze(-2)
-            # An absent element entered both kernels (M+ and M-) as the candidate 0, so where it wins, the two
-            # kernels tie (at 0); a tie may also need the smaller index of the other kernel. Ties are redone exactly.
-            redo_h = slices & (mx[0][0] == mx[1][0])
-            redo_l = slices & (mn[0][0] == mn[1][0])
+            hi_a, lo_a = _partial_ties(slices, mx, mn, hi_a, lo_a)
+            # An absent element entered the kernels as the candidate 0, so there M+' >= 0 >= M-', and the masked
+            # result can only differ where M+' = 0 (M-' = 0): those outputs are redone exactly.
+            redo_h = slices & (hi_v == 0)
+            redo_l = slices & (lo_v == 0)
             h3, l3 = hi.reshape(-1, m, n), lo.reshape(-1, m, n)
             for redo, largest, vals, args in ((redo_h, True, hi_v, hi_a), (redo_l, False, lo_v, lo_a)):
                 _exact_outputs(redo, largest, kind.left, h3, l3, w3, vals, args)
