@@ -235,7 +235,7 @@ def test_model_state_is_restored_after_an_error():
         model.set_attn_implementation("eager")
 
 
-def test_sdpa_models_are_attributed_through_eager_attention_and_restored():
+def test_sdpa_models_keep_completeness_and_their_attention_setting():
     case = build("llama", per_row=True, batch=2)
     model = case.model
     model.set_attn_implementation("sdpa")
