@@ -6,6 +6,9 @@
 * ``tiny_bart_dir``: a 2+2-layer BART (hidden 16) with a word-level tokenizer built with ``tokenizers``.
 * ``gpt2_model`` / ``bart_model``: those folders loaded with Inseq (session-wide; each test picks its method).
 
+* ``run_plain_inseq_attribute``: Inseq's own ``inseq attribute`` console script in a subprocess, with the plugin
+  reached only through the start-up hook (no import by the user).
+
 Import the fixtures into a test module with ``from fixtures_inseq import *`` (tests/ is on ``sys.path``).
 """
 
@@ -19,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
-__all__ = ["tiny_gpt2_dir", "tiny_bart_dir", "gpt2_model", "bart_model", "float32_default", "WORDS",
+__all__ = ["run_plain_inseq_attribute", "tiny_gpt2_dir", "tiny_bart_dir", "gpt2_model", "bart_model", "float32_default", "WORDS",
            "gpt2_bpe_files"]
 
 WORDS = ("the a keys to cabinet are is on table hello world cat dog sat mat le la chat chien clés armoire sont sur "
@@ -112,3 +115,19 @@ def gpt2_model(tiny_gpt2_dir):
 @pytest.fixture(scope="session")
 def bart_model(tiny_bart_dir):
     return _load(tiny_bart_dir)
+
+
+def run_plain_inseq_attribute(model_dir: str, method: str, prompt: str, generated: str, out_file, extra=()):
+    """``inseq attribute -m model_dir -a method -i prompt -g generated -o out_file *extra`` in a fresh process with
+    the plugin's autoload hook active; returns the ``CompletedProcess`` (skips the test without the console script)."""
+    import subprocess
+    import sys
+
+    exe = Path(sys.executable).with_name("inseq")
+    if not exe.exists():
+        pytest.skip("the inseq console script is not installed next to this interpreter")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env.pop("INSEQ_SEMIRING_NO_AUTOLOAD", None)
+    cmd = [str(exe), "attribute", "-m", model_dir, "-a", method, "-i", prompt, "-g", generated, "--hide",
+           "--device", "cpu", "-o", str(out_file), *extra]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)

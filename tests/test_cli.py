@@ -51,16 +51,9 @@ def _assert_one_line_error(err: str, *needles: str):
 # the plain Inseq CLI, with no import by the user (the .pth autoload)
 # ------------------------------------------------------------------------------------------------------------------
 def test_plain_inseq_cli_accepts_plugin_methods(tiny_gpt2_dir, tmp_path):
-    exe = Path(sys.executable).with_name("inseq")
-    if not exe.exists():
-        pytest.skip("the inseq console script is not installed next to this interpreter")
     out_file = tmp_path / "out.json"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    env.pop("INSEQ_SEMIRING_NO_AUTOLOAD", None)
-    cmd = [str(exe), "attribute", "-m", tiny_gpt2_dir, "-a", "semiring_maxpath", "-i", PROMPT,
-           "-g", PROMPT + " are", "--hide", "--device", "cpu", "-o", str(out_file),
-           "--step_scores", "semiring_top_path", "--attribution_kwargs", '{"sign": "positive"}']
-    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    res = run_plain_inseq_attribute(tiny_gpt2_dir, "semiring_maxpath", PROMPT, PROMPT + " are", out_file,
+                                    ["--step_scores", "semiring_top_path", "--attribution_kwargs", '{"sign": "positive"}'])
     assert res.returncode == 0, ("is inseq_semiring_autoload.pth installed? (pip install -e .)\n"
                                  + res.stderr[-3000:])
     assert out_file.exists()

@@ -103,20 +103,9 @@ def test_encoder_decoder_batch_with_padding_equals_each_pair_alone(bart_model, m
 
 
 def test_plain_inseq_cli_accepts_the_gradient_methods(tiny_gpt2_dir, tmp_path):
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    exe = Path(sys.executable).with_name("inseq")
-    if not exe.exists():
-        pytest.skip("the inseq console script is not installed next to this interpreter")
     out_file = tmp_path / "out.json"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    env.pop("INSEQ_SEMIRING_NO_AUTOLOAD", None)
-    cmd = [str(exe), "attribute", "-m", tiny_gpt2_dir, "-a", "deeplift_shap", "-i", PROMPT, "-g", PROMPT + " are",
-           "--hide", "--device", "cpu", "-o", str(out_file), "--attribution_kwargs", '{"baseline_set": "zero"}']
-    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    res = run_plain_inseq_attribute(tiny_gpt2_dir, "deeplift_shap", PROMPT, PROMPT + " are", out_file,
+                                    ["--attribution_kwargs", '{"baseline_set": "zero"}'])
     assert res.returncode == 0, res.stderr[-3000:]
     back = inseq.FeatureAttributionOutput.load(str(out_file))
     assert back.info["attribution_method"] == "deeplift_shap"

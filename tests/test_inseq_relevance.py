@@ -155,19 +155,9 @@ def test_contrastive_attributed_function(gpt2_model, monkeypatch):
 
 
 def test_plain_inseq_cli_runs_attn_lrp(tiny_gpt2_dir, tmp_path):
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    exe = Path(sys.executable).with_name("inseq")
-    if not exe.exists():
-        pytest.skip("the inseq console script is not installed next to this interpreter")
     out_file = tmp_path / "out.json"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    env.pop("INSEQ_SEMIRING_NO_AUTOLOAD", None)
-    cmd = [str(exe), "attribute", "-m", tiny_gpt2_dir, "-a", "attn_lrp", "-i", PROMPT, "-g", PROMPT + " are",
-           "--hide", "--device", "cpu", "-o", str(out_file), "--attribution_kwargs", '{"epsilon": 0.001}']
-    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    res = run_plain_inseq_attribute(tiny_gpt2_dir, "attn_lrp", PROMPT, PROMPT + " are", out_file,
+                                    ["--attribution_kwargs", '{"epsilon": 0.001}'])
     assert res.returncode == 0, res.stderr[-3000:]
     back = inseq.FeatureAttributionOutput.load(str(out_file))
     assert back.info["attribution_method"] == "attn_lrp" and back.info["attribution_args"] == {"epsilon": 0.001}
