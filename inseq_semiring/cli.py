@@ -318,13 +318,13 @@ def _cmd_attribute(args: argparse.Namespace) -> int:
 
 def _cmd_build_kernels(args: argparse.Namespace) -> int:
     """``build-kernels``: build (or find in the cache) every compiled CPU kernel now, not on first use."""
-    from .kernels import maxtimes, rowcore, xlogx
+    from .kernels import maxtimes, rowcore, signed_rowcore, xlogx
     from .kernels.extension import NO_EXT_ENV, _env_no_ext
 
     if _env_no_ext():
         _say(f"{NO_EXT_ENV}=1: the compiled kernels are not used; nothing to build")
         return 0
-    for kernel in (maxtimes, rowcore, xlogx):
+    for kernel in (maxtimes, rowcore, xlogx, signed_rowcore):
         ext = kernel.EXTENSION
         cached = ext.is_cached()
         t0 = time.perf_counter()

@@ -128,3 +128,26 @@ def test_two_environments_sharing_a_cache_do_not_rebuild_each_others_kernels(tmp
     stamp = so_a.stat().st_mtime_ns
     assert a2 == ("cached", a1[1], False) and b2 == ("cached", b1[1], False)  # the second calls build nothing
     assert so_a.stat().st_mtime_ns == stamp
+
+
+def test_build_kernels_covers_every_compiled_kernel(capsys):
+    """Every module of ``inseq_semiring.kernels`` that defines a ``CompiledExtension`` is built by ``build-kernels``
+    (setup.sh relies on it, so that no attribution compiles later)."""
+    import importlib
+    import pkgutil
+
+    import inseq_semiring.kernels as pkg
+    from inseq_semiring import cli
+
+    kernels = []
+    for info in pkgutil.iter_modules(pkg.__path__):
+        if info.name.endswith("_triton"):  # GPU kernels (Triton, compiled by Triton itself)
+            continue
+        mod = importlib.import_module(f"{pkg.__name__}.{info.name}")
+        if isinstance(getattr(mod, "EXTENSION", None), ext.CompiledExtension):
+            kernels.append(mod.EXTENSION)
+    assert len(kernels) >= 4
+    assert cli.main(["build-kernels"]) == 0
+    err = capsys.readouterr().err
+    for k in kernels:
+        assert f"{k.what} kernel:" in err, (k.what, err)
