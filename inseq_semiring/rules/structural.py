@@ -104,14 +104,18 @@ def _memo_key(rec: OpRecord, leaf: int):
     return key
 
 
-def _index_maps(rec: OpRecord, leaf: int) -> list[torch.Tensor]:
-    """The int64 index of every output for leaf ``leaf``; within one sweep, records of the same operator on the same
-    shapes (one per layer) share it (:func:`~inseq_semiring.rules.weight_cache.sweep_memo`)."""
+def _index_maps(rec: OpRecord, leaf: int) -> list[tuple[torch.Tensor, bool]]:
+    """The int64 index of every output for leaf ``leaf`` and whether it has no ``-1``; within one sweep, records of
+    the same operator on the same shapes (one per layer) share them
+    (:func:`~inseq_semiring.rules.weight_cache.sweep_memo`)."""
     memo = sweep_memo()
     key = None if memo is None else _memo_key(rec, leaf)
     if key is not None and key in memo:
         return memo[key]
-    out = [idx.long() for idx in _index_call(rec, leaf)]
+    out = []
+    for idx in _index_call(rec, leaf):
+        idx = idx.long()
+        out.append((idx, bool((idx >= 0).all())))
     if key is not None:
         memo[key] = out
     return out
@@ -129,9 +133,9 @@ def index_map(rec: OpRecord):
         if identity:
             edges.append(Edge(0, leaf, IndexMap.reshape(x.shape, rec.outputs[0].shape)))
             continue
-        for slot, idx in enumerate(_index_maps(rec, leaf)):
+        for slot, (idx, all_valid) in enumerate(_index_maps(rec, leaf)):
             if rec.output_ids[slot] is not None:
-                edges.append(Edge(slot, leaf, IndexMap(idx, x.shape, injective=injective)))
+                edges.append(Edge(slot, leaf, IndexMap(idx, x.shape, injective=injective, all_valid=all_valid)))
     return edges
 
 
