@@ -25,12 +25,12 @@ from typing import Callable, Sequence
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten, tree_map
 
 from ..decompositions import Decomposition, resolve
 from ..errors import InvalidInputError, UnsupportedModelError
 from ..rules.registry import DEFAULT_RULES, RuleSet
 from .custom_functions import check_policy, resolve_grad_mode
+from .flat_args import flat_leaves, map_leaves
 from .tape import OpRecord, Tape
 
 aten = torch.ops.aten
@@ -97,7 +97,7 @@ class _RecordingMode(TorchDispatchMode):
         kwargs = kwargs or {}
         if func in _PASSIVE:
             return func(*args, **kwargs)
-        leaves, _ = tree_flatten((args, kwargs))
+        leaves = flat_leaves((args, kwargs))
         leaf_ids = [self.node_id(x) if _is_floating(x) else None for x in leaves]
         for pos, x in enumerate(leaves):  # a custom Function's output that no recorded operator produced
             if leaf_ids[pos] is None and _is_floating(x) and isinstance(x.grad_fn, _CUSTOM_NODE):
@@ -154,7 +154,7 @@ class _RecordingMode(TorchDispatchMode):
             for pos in written:  # e.g. an in-place rounding: the result is a constant
                 self.ids.pop(id(leaves[pos]), None)
             return out
-        out_leaves, _ = tree_flatten(out)
+        out_leaves = flat_leaves(out)
         out_ids = []
         for t in out_leaves:
             out_ids.append(self.track(t) if _is_floating(t) else None)
@@ -239,8 +239,8 @@ def _freeze(records: list[OpRecord]) -> None:
     for rec in records:
         object.__setattr__(rec, "leaves", tuple(plain(t) for t in rec.leaves))
         object.__setattr__(rec, "outputs", tuple(plain(t) for t in rec.outputs))
-        object.__setattr__(rec, "args", tree_map(plain, rec.args))
-        object.__setattr__(rec, "kwargs", rec.kwargs if "ctx" in rec.kwargs else tree_map(plain, rec.kwargs))
+        object.__setattr__(rec, "args", map_leaves(plain, rec.args))
+        object.__setattr__(rec, "kwargs", rec.kwargs if "ctx" in rec.kwargs else map_leaves(plain, rec.kwargs))
 
 
 def record(

@@ -275,11 +275,14 @@ def _class_of(path: str, model) -> str:
 def _collapse_activations(records: list[OpRecord], consumers_of, root_id, model) -> list[OpRecord]:
     """Replace each multi-operator activation-module call by one :data:`MODULE_IDENTITY` record."""
     out: list[OpRecord] = []
+    is_activation: dict[str, bool] = {}  # module path -> its class is an activation (one lookup per module)
     i = 0
     while i < len(records):
         rec = records[i]
         path = rec.module_path
-        if not path or not ACTIVATION_MODULE.search(_class_of(path, model)):
+        if path and path not in is_activation:
+            is_activation[path] = bool(ACTIVATION_MODULE.search(_class_of(path, model)))
+        if not path or not is_activation[path]:
             out.append(rec)
             i += 1
             continue

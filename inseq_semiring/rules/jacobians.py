@@ -88,6 +88,7 @@ class IndexMap:
     injective: bool = False  # each input element feeds at most one output element (no fan-out inside the op)
     identity: bool = False  # y.flatten() == x.flatten() (views and copies in logical order): a pull is a reshape
     shape: torch.Size | None = None  # the output shape when ``index`` is None
+    all_valid: bool = False  # known: no ``-1`` in ``index`` (every output element copies an input element)
 
     @classmethod
     def reshape(cls, in_shape, out_shape) -> "IndexMap":

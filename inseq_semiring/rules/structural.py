@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import torch
 
+from ..graph.flat_args import flat_leaves
 from ..graph.tape import OpRecord
 from .jacobians import IndexMap, Pointwise
 from .registry import Edge, constant_op, rule
+from .weight_cache import sweep_memo
 
 aten = torch.ops.aten
 
@@ -81,6 +83,44 @@ def _index_call(rec: OpRecord, leaf: int) -> list:
     return tree_flatten(out)[0]
 
 
+def _memo_key(rec: OpRecord, leaf: int):
+    """What an index map depends on when the leaf is the call's only tensor: the op, the leaf's shape and strides,
+    the other (non-tensor) arguments. ``None`` (no memo) when another tensor takes part or an argument is
+    unhashable."""
+    flat = flat_leaves((rec.args, rec.kwargs))
+    parts = []
+    for i, x in enumerate(flat):
+        if isinstance(x, torch.Tensor):
+            if i != leaf:
+                return None
+            parts.append((tuple(x.shape), x.stride() if x.dim() else ()))
+        else:
+            parts.append(x)
+    key = ("index_map", rec.op, leaf, len(rec.args), tuple(rec.kwargs), tuple(parts))
+    try:
+        hash(key)
+    except TypeError:
+        return None
+    return key
+
+
+def _index_maps(rec: OpRecord, leaf: int) -> list[tuple[torch.Tensor, bool]]:
+    """The int64 index of every output for leaf ``leaf`` and whether it has no ``-1``; within one sweep, records of
+    the same operator on the same shapes (one per layer) share them
+    (:func:`~inseq_semiring.rules.weight_cache.sweep_memo`)."""
+    memo = sweep_memo()
+    key = None if memo is None else _memo_key(rec, leaf)
+    if key is not None and key in memo:
+        return memo[key]
+    out = []
+    for idx in _index_call(rec, leaf):
+        idx = idx.long()
+        out.append((idx, bool((idx >= 0).all())))
+    if key is not None:
+        memo[key] = out
+    return out
+
+
 @rule(*INDEX_OPS)
 def index_map(rec: OpRecord):
     edges = []
@@ -93,9 +133,9 @@ def index_map(rec: OpRecord):
         if identity:
             edges.append(Edge(0, leaf, IndexMap.reshape(x.shape, rec.outputs[0].shape)))
             continue
-        for slot, idx in enumerate(_index_call(rec, leaf)):
+        for slot, (idx, all_valid) in enumerate(_index_maps(rec, leaf)):
             if rec.output_ids[slot] is not None:
-                edges.append(Edge(slot, leaf, IndexMap(idx.long(), x.shape, injective=injective)))
+                edges.append(Edge(slot, leaf, IndexMap(idx, x.shape, injective=injective, all_valid=all_valid)))
     return edges
 
 

@@ -69,6 +69,11 @@ class _Scopes(threading.local):
 _SCOPES = _Scopes()
 
 
+def sweep_memo() -> dict | None:
+    """The memo of this thread's sweep in progress (``None`` outside :func:`sweep_scope`)."""
+    return _SCOPES.stack[-1] if _SCOPES.stack else None
+
+
 @contextmanager
 def sweep_scope():
     """Fingerprint each weight at most once inside the block (one sweep: both maps of a weight share it)."""

@@ -113,11 +113,15 @@ def linear_pull(kind, a: Tensor) -> Tensor:
             return a.reshape(kind.in_shape) * kind.weight if kind.weight != 1 else a.reshape(kind.in_shape)
         out = a.new_zeros(_numel(kind.in_shape))
         if kind.weight != 0:
-            index, valid = kind.index.reshape(-1), kind.index.reshape(-1) >= 0
-            src = a.reshape(-1)
-            if not bool(valid.all()):
-                index, src = index[valid], src[valid]
-            out.index_add_(0, index, src)
+            index, src = kind.index.reshape(-1), a.reshape(-1)
+            if not kind.all_valid:
+                valid = index >= 0
+                if not bool(valid.all()):
+                    index, src = index[valid], src[valid]
+            if kind.injective:  # distinct positions: a scatter into zeros is the sum (0 + x = x)
+                out.scatter_(0, index, src)
+            else:
+                out.index_add_(0, index, src)
             if kind.weight != 1:
                 out = out * kind.weight
         return out.reshape(kind.in_shape)
