@@ -6,6 +6,8 @@
 * ``tiny_bart_dir``: a 2+2-layer BART (hidden 16) with a word-level tokenizer built with ``tokenizers``.
 * ``gpt2_model`` / ``bart_model``: those folders loaded with Inseq (session-wide; each test picks its method).
 
+* ``next_token_probability_root``: the root Inseq attributes by default for a decoder-only model, written by hand
+  over the prompt's embeddings, to compare a method's Inseq output with the engine's.
 * ``run_plain_inseq_attribute``: Inseq's own ``inseq attribute`` console script in a subprocess, with the plugin
   reached only through the start-up hook (no import by the user).
 
@@ -22,7 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 
-__all__ = ["run_plain_inseq_attribute", "tiny_gpt2_dir", "tiny_bart_dir", "gpt2_model", "bart_model", "float32_default", "WORDS",
+__all__ = ["next_token_probability_root", "run_plain_inseq_attribute", "tiny_gpt2_dir", "tiny_bart_dir", "gpt2_model", "bart_model", "float32_default", "WORDS",
            "gpt2_bpe_files"]
 
 WORDS = ("the a keys to cabinet are is on table hello world cat dog sat mat le la chat chien clés armoire sont sur "
@@ -131,3 +133,18 @@ def run_plain_inseq_attribute(model_dir: str, method: str, prompt: str, generate
     cmd = [str(exe), "attribute", "-m", model_dir, "-a", method, "-i", prompt, "-g", generated, "--hide",
            "--device", "cpu", "-o", str(out_file), *extra]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+
+
+def next_token_probability_root(inseq_model, prompt: str, token: str):
+    """``(hf_model, tokenizer, ids, embeds, fn)`` with ``fn(embeds) = p(token | prompt)`` at the last position
+    (Inseq's default attributed function for a decoder-only model)."""
+    hf, tok = inseq_model.model, inseq_model.tokenizer
+    ids = tok(prompt, return_tensors="pt").input_ids
+    target = tok(token).input_ids[0]
+    emb = hf.get_input_embeddings()(ids).detach()
+    mask = torch.ones_like(ids)
+
+    def fn(e):
+        return hf(inputs_embeds=e, attention_mask=mask).logits[:, -1].softmax(-1)[:, target]
+
+    return hf, tok, ids, emb, fn

@@ -126,14 +126,7 @@ def test_startup_hook_is_light():
 def test_decoder_only_per_token_values_equal_the_engine(gpt2_model, method):
     out = gpt2_model.attribute(PROMPT, PROMPT + " are", method=method, show_progress=False)
     seq = out.sequence_attributions[0]
-    hf, tok = gpt2_model.model, gpt2_model.tokenizer
-    ids = tok(PROMPT, return_tensors="pt").input_ids
-    target = tok(" are").input_ids[0]
-    emb = hf.get_input_embeddings()(ids).detach()
-    mask = torch.ones_like(ids)
-
-    def fn(e):
-        return hf(inputs_embeds=e, attention_mask=mask).logits[:, -1].softmax(-1)[:, target]
+    hf, tok, ids, emb, fn = next_token_probability_root(gpt2_model, PROMPT, " are")
 
     expected = _engine_per_token(method, fn, (emb,))[0][0]
     got = seq.target_attributions[: ids.shape[1], 0]

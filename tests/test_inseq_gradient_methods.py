@@ -31,14 +31,7 @@ def test_registered_with_inseq():
 def test_decoder_only_values_equal_the_python_api(gpt2_model, method):
     out = gpt2_model.attribute(PROMPT, PROMPT + " are", method=method, show_progress=False, **FAST[method])
     seq = out.sequence_attributions[0]
-    hf, tok = gpt2_model.model, gpt2_model.tokenizer
-    ids = tok(PROMPT, return_tensors="pt").input_ids
-    target = tok(" are").input_ids[0]
-    emb = hf.get_input_embeddings()(ids).detach()
-    mask = torch.ones_like(ids)
-
-    def fn(e):
-        return hf(inputs_embeds=e, attention_mask=mask).logits[:, -1].softmax(-1)[:, target]
+    hf, tok, ids, emb, fn = next_token_probability_root(gpt2_model, PROMPT, " are")
 
     opts = dict(FAST[method])
     if method == "deeplift_shap":
