@@ -16,21 +16,10 @@ import statistics
 import time
 
 import torch
+from _gpt2_small import gpt2_small  # benchmarks/ is on sys.path when a script runs
 
 #: method -> target ratio (issue 9)
 TARGETS = {"lrp_epsilon": 1.3, "attn_lrp": 1.3, "cp_lrp": 1.3, "attention_tracing": 1.2, "attention_rollout": 1.2}
-
-
-def build(layers: int):
-    import transformers
-
-    cfg = transformers.GPT2Config(n_layer=layers, n_embd=768, n_head=12, vocab_size=50257, n_positions=1024)
-    cfg._attn_implementation = "eager"
-    torch.manual_seed(0)
-    model = transformers.GPT2LMHeadModel(cfg).eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model
 
 
 def main() -> None:
@@ -43,7 +32,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     import inseq_semiring.lrp as lrp
 
-    model = build(args.layers)
+    model = gpt2_small(args.layers)
     torch.manual_seed(1)
     ids = torch.randint(0, model.config.vocab_size, (1, args.tokens))
     emb = model.get_input_embeddings()(ids).detach()
