@@ -49,6 +49,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from ..errors import UnsupportedModelError, UnsupportedOpError
 from ..graph.tape import OpRecord, Tape
 from ..rules.jacobians import Pointwise, RowDense
+from ..rules.registry import ops_without_rule
 from ..rules.pointwise import UNARY
 from ..rules.registry import DEFAULT_RULES, Edge, RuleSet, functional_twin
 from ..rules.structural import INDEX_OPS
@@ -366,17 +367,11 @@ class SecantRuleSet(RuleSet):
         return list(fn(rec, base))
 
     def check_coverage(self, records, model_class: str = "") -> None:
-        missing: dict[str, list[str]] = {}
-        for rec in records:
-            if self.lookup(rec.op) is None:
-                mods = missing.setdefault(str(rec.op), [])
-                if rec.module_path not in mods:
-                    mods.append(rec.module_path)
-        if missing:
-            listing = "; ".join(f"{op} (in {', '.join(m[:3]) or '<top level>'})" for op, m in missing.items())
+        count, listing = ops_without_rule(records, self.lookup)
+        if count:
             model = f" of model class {model_class}" if model_class else ""
             raise UnsupportedOpError(
-                f"{len(missing)} ATen operator(s) on the attribution path{model} have no DeepLift (secant) rule: "
+                f"{count} ATen operator(s) on the attribution path{model} have no DeepLift (secant) rule: "
                 f"{listing}", where="inseq_semiring.methods.secant_rules (SECANT_RULES)",
                 fix="add a secant rule for each (exact: Δy = Σ M Δx), or run the model so that it dispatches "
                 "supported operators (e.g. attn_implementation='eager')")

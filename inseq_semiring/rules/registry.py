@@ -127,23 +127,30 @@ class RuleSet:
 
     def check_coverage(self, records: Iterable[OpRecord], model_class: str = "") -> None:
         """Raise once, listing every operator without a rule, with the modules it ran in."""
-        missing: dict[str, list[str]] = {}
-        for rec in records:
-            if self.lookup(rec.op) is None:
-                mods = missing.setdefault(str(rec.op), [])
-                if rec.module_path not in mods:
-                    mods.append(rec.module_path)
-        if missing:
-            listing = "; ".join(f"{op} (in {', '.join(m[:3]) or '<top level>'})" for op, m in missing.items())
+        count, listing = ops_without_rule(records, self.lookup)
+        if count:
             model = f" of model class {model_class}" if model_class else ""
             raise UnsupportedOpError(
-                f"{len(missing)} ATen operator(s) on the attribution path{model} have no semiring rule: {listing}",
+                f"{count} ATen operator(s) on the attribution path{model} have no semiring rule: {listing}",
                 where="inseq_semiring.rules (the rule table)",
                 fix="register a rule with @rule(aten.<op>.<overload>) in inseq_semiring/rules/<family>.py "
                 "returning Edge(out, leaf, Pointwise|Reduction|IndexMap|MatMul|RowDense) for each input, "
                 "or run the model so that it dispatches supported operators (e.g. attn_implementation='eager'; with "
                 "model=..., attention implementations other than eager and sdpa are switched to eager for the call)",
             )
+
+
+def ops_without_rule(records: Iterable[OpRecord], lookup) -> tuple[int, str]:
+    """How many distinct operators of ``records`` ``lookup`` maps to None, and the listing
+    ``"op (in module, module, module); ..."`` for an error message (the first three modules each ran in)."""
+    missing: dict[str, list[str]] = {}
+    for rec in records:
+        if lookup(rec.op) is None:
+            mods = missing.setdefault(str(rec.op), [])
+            if rec.module_path not in mods:
+                mods.append(rec.module_path)
+    listing = "; ".join(f"{op} (in {', '.join(m[:3]) or '<top level>'})" for op, m in missing.items())
+    return len(missing), listing
 
 
 DEFAULT_RULES = RuleSet()
