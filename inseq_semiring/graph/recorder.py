@@ -63,10 +63,10 @@ class _RecordingMode(TorchDispatchMode):
         self.stack: list[str] = []
         self.records: list[OpRecord] = []
         self.ids: dict[int, tuple[int, torch.Tensor]] = {}  # id(tensor) -> (node id, tensor kept alive)
-        self.saved_in: dict[int, list[tuple[list, int]]] = {}  # id(tensor) -> places that hold it
         self.counter = itertools.count()
         self.grad_off: set[int] = set()  # indices of records made with grad mode off
         self.late: dict[int, int] = {}  # node id of a custom Function output first seen as an argument -> record index
+        self.writes: dict = {}  # operator -> positions of the arguments its schema writes into (per recording)
 
     # -- node bookkeeping ---------------------------------------------------------------------------------------
     def track(self, t: torch.Tensor) -> int:
@@ -80,16 +80,16 @@ class _RecordingMode(TorchDispatchMode):
         entry = self.ids.get(id(t))
         return None if entry is None else entry[0]
 
-    def _remember(self, holder: list, pos: int) -> None:
-        t = holder[pos]
-        if isinstance(t, torch.Tensor):
-            self.saved_in.setdefault(id(t), []).append((holder, pos))
-
     def _snapshot_before_write(self, t: torch.Tensor) -> torch.Tensor:
-        """Give every earlier holder of ``t`` a copy of its current value; return that copy."""
+        """Give every earlier holder of ``t`` (a record's leaves or outputs) a copy of its current value; return
+        that copy. In-place writes into recorded tensors are rare, so the holders are found by a scan of the
+        records rather than indexed on every call."""
         old = t.detach().clone()
-        for holder, pos in self.saved_in.pop(id(t), []):
-            holder[pos] = old
+        for rec in self.records:
+            for holder in (rec.leaves, rec.outputs):
+                for pos, x in enumerate(holder):
+                    if x is t:
+                        holder[pos] = old
         return old
 
     # -- dispatch -----------------------------------------------------------------------------------------------
@@ -98,11 +98,18 @@ class _RecordingMode(TorchDispatchMode):
         if func in _PASSIVE:
             return func(*args, **kwargs)
         leaves = flat_leaves((args, kwargs))
-        leaf_ids = [self.node_id(x) if _is_floating(x) else None for x in leaves]
-        for pos, x in enumerate(leaves):  # a custom Function's output that no recorded operator produced
-            if leaf_ids[pos] is None and _is_floating(x) and isinstance(x.grad_fn, _CUSTOM_NODE):
-                leaf_ids[pos] = self.track(x)
-                self.late[leaf_ids[pos]] = len(self.records)
+        ids = self.ids
+        leaf_ids = []
+        for x in leaves:
+            tid = None
+            if isinstance(x, torch.Tensor) and (x.is_floating_point() or x.is_complex()):
+                entry = ids.get(id(x))
+                if entry is not None:
+                    tid = entry[0]
+                elif isinstance(x.grad_fn, _CUSTOM_NODE):  # a custom Function's output no recorded operator made
+                    tid = self.track(x)
+                    self.late[tid] = len(self.records)
+            leaf_ids.append(tid)
         written = self._written_leaves(func, leaves)
         if all(i is None for i in leaf_ids):
             for pos in written:  # a constant overwrote a node: it is a node no more
@@ -119,9 +126,9 @@ class _RecordingMode(TorchDispatchMode):
                 self.within.pop()
 
         module = self.stack[-1] if self.stack else ""
-        where = f"module '{module or '<top level>'}', operator {func}"
         grad_on = torch.is_grad_enabled()
         if written and not grad_on and any(leaf_ids[pos] is not None for pos in written):
+            where = f"module '{module or '<top level>'}', operator {func}"
             raise UnsupportedModelError(
                 "an in-place write with grad mode off (torch.no_grad() or a custom autograd.Function's forward) "
                 "into a traced tensor changes its value behind autograd's back; it cannot be represented faithfully",
@@ -131,6 +138,7 @@ class _RecordingMode(TorchDispatchMode):
             t = leaves[pos]
             if t._base is not None and (self.node_id(t._base) is not None or leaf_ids[pos] is not None
                                         or any(i is not None for i in leaf_ids)):
+                where = f"module '{module or '<top level>'}', operator {func}"
                 raise UnsupportedModelError(
                     "an in-place write into a view of a traced tensor cannot be represented faithfully",
                     where=where,
@@ -148,6 +156,7 @@ class _RecordingMode(TorchDispatchMode):
                 self.ids.pop(id(leaves[pos]), None)
             return out
         if func in (aten.fill_.Tensor, aten.fill.Tensor):
+            where = f"module '{module or '<top level>'}', operator {func}"
             raise UnsupportedModelError("fill with a traced value has no rule", where=where,
                                         fix="use value.expand_as(x) (or torch.full_like with a constant)")
         if self.rules.is_constant(func) or func in (aten.detach.default,):
@@ -165,28 +174,23 @@ class _RecordingMode(TorchDispatchMode):
             leaf_ids=tuple(leaf_ids), outputs=list(out_leaves), output_ids=tuple(out_ids), module_path=module,
             decomposed_from=self.within[0] if self.within else None,
         )
-        for pos in range(len(saved_leaves)):
-            self._remember(rec.leaves, pos)
-        for pos in range(len(rec.outputs)):
-            self._remember(rec.outputs, pos)
         if not grad_on:
             self.grad_off.add(rec.index)
         self.records.append(rec)
         return out
 
-    @staticmethod
-    def _written_leaves(func, leaves) -> list[int]:
+    def _written_leaves(self, func, leaves) -> list[int]:
         """Positions of tensor leaves that the operator writes into (schema alias annotations with ``!``)."""
-        schema = func._schema
-        if not schema.is_mutable:
-            return []
-        written_names = {a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write}
-        positions = []
-        # leaves are ordered like the flattened arguments; map the leading positional tensor arguments
-        for pos, arg in enumerate(schema.arguments):
-            if arg.name in written_names and pos < len(leaves) and isinstance(leaves[pos], torch.Tensor):
-                positions.append(pos)
-        return positions
+        candidates = self.writes.get(func)
+        if candidates is None:
+            schema = func._schema
+            candidates = ()
+            if schema.is_mutable:
+                written = {a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write}
+                # leaves are ordered like the flattened arguments; map the leading positional tensor arguments
+                candidates = tuple(pos for pos, arg in enumerate(schema.arguments) if arg.name in written)
+            self.writes[func] = candidates
+        return [pos for pos in candidates if pos < len(leaves) and isinstance(leaves[pos], torch.Tensor)]
 
 
 @contextmanager
@@ -226,21 +230,40 @@ def _freeze(records: list[OpRecord]) -> None:
     """Make the holders tuples (they were lists, for snapshots) and detach node tensors from the autograd graph the
     recording built (the same detached object wherever a tensor appears, so identities between records hold)."""
     detached: dict[int, torch.Tensor] = {}
-
-    def plain(t):
-        if not (isinstance(t, torch.Tensor) and t.requires_grad and id(t) in nodes):
-            return t  # constants (the model's weights among them) stay the objects they are: caches key on them
-        if id(t) not in detached:
-            detached[id(t)] = t.detach()
-        return detached[id(t)]
-
-    nodes = {id(t) for rec in records for t, i in zip(rec.leaves, rec.leaf_ids) if i is not None}
-    nodes |= {id(t) for rec in records for t, i in zip(rec.outputs, rec.output_ids) if i is not None}
     for rec in records:
-        object.__setattr__(rec, "leaves", tuple(plain(t) for t in rec.leaves))
-        object.__setattr__(rec, "outputs", tuple(plain(t) for t in rec.outputs))
-        object.__setattr__(rec, "args", map_leaves(plain, rec.args))
-        object.__setattr__(rec, "kwargs", rec.kwargs if "ctx" in rec.kwargs else map_leaves(plain, rec.kwargs))
+        for holder, ids in ((rec.leaves, rec.leaf_ids), (rec.outputs, rec.output_ids)):
+            for t, i in zip(holder, ids):
+                if i is not None and t.requires_grad and id(t) not in detached:
+                    detached[id(t)] = t.detach()
+    # constants (the model's weights among them) stay the objects they are: caches key on them
+    get = detached.get
+    for rec in records:
+        object.__setattr__(rec, "leaves", tuple([get(id(t), t) for t in rec.leaves]))
+        object.__setattr__(rec, "outputs", tuple([get(id(t), t) for t in rec.outputs]))
+        object.__setattr__(rec, "args", _swap(rec.args, get))
+        if "ctx" not in rec.kwargs and rec.kwargs:
+            object.__setattr__(rec, "kwargs", _swap(rec.kwargs, get))
+
+
+def _swap(tree, get):
+    """``map_leaves(lambda t: get(id(t), t) if tensor else t, tree)`` with a fast path for plain containers."""
+    t = type(tree)
+    if t is tuple or t is list:
+        out = [get(id(x), x) if isinstance(x, torch.Tensor) else
+               (x if type(x) in _SCALARS else _swap(x, get)) for x in tree]
+        return tuple(out) if t is tuple else out
+    if t is dict:
+        return {k: _swap(v, get) for k, v in tree.items()}
+    if t is torch.Size:  # integers only
+        return tree
+    if isinstance(tree, torch.Tensor):
+        return get(id(tree), tree)
+    if t in _SCALARS:
+        return tree
+    return map_leaves(lambda x: get(id(x), x) if isinstance(x, torch.Tensor) else x, tree)
+
+
+_SCALARS = {int, float, bool, str, type(None), torch.dtype, torch.device, torch.layout, torch.memory_format}
 
 
 def record(
@@ -251,11 +274,15 @@ def record(
     rules: RuleSet = DEFAULT_RULES,
     decomposition: "str | Decomposition | None" = None,
     custom_functions: str = "error",
+    plan=None,
 ) -> Tape:
     """Run ``fn(*inputs)`` once and return its :class:`Tape`. ``decomposition``: a name in
     :data:`~inseq_semiring.decompositions.DECOMPOSITIONS` or a table (default ``"aten"``). ``custom_functions``:
     what to do with a custom ``torch.autograd.Function`` without a registered rule (``"error"`` or ``"forward"``,
     see :mod:`.custom_functions`).
+
+    ``plan``: a :class:`~inseq_semiring.plan.Plan` expected to match; if the tape's signature equals it, the
+    coverage check is skipped (the plan's operators were checked when it was made).
 
     Raises :class:`~inseq_semiring.errors.UnsupportedOpError` listing every operator without a rule.
     """
@@ -293,5 +320,8 @@ def record(
     tape = Tape(records=records, input_ids=tuple(input_ids), root_id=root_id, root=root.detach(),
                 model_class=model_class, decomposition=decomposition.name)
     _freeze(tape.records)
-    rules.check_coverage(tape.records, tape.model_class)
+    if plan is not None and plan.matches(tape):  # a matching plan's operators all have rules
+        tape.plan = plan
+    else:
+        rules.check_coverage(tape.records, tape.model_class)
     return tape
