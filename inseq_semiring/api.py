@@ -18,6 +18,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from . import plan as _plan
 from . import rules as _rules  # noqa: F401  (fills the rule table)
 from .decompositions import Decomposition, resolve
 from .errors import InvalidInputError
@@ -108,6 +109,7 @@ def run(
     tape: Tape | None = None,
     decomposition: str | Decomposition | None = None,
     custom_functions: str = "error",
+    plans: bool = True,
 ) -> SemiringResult:
     """Record ``fn(*inputs)`` (or reuse ``tape``) and sweep it once with the named semiring.
 
@@ -119,14 +121,21 @@ def run(
     ``"primitive"``; see :mod:`~inseq_semiring.decompositions`). It changes flow, entropy and tensor-granularity
     maxpath, never the gradient. ``custom_functions``: a custom ``torch.autograd.Function`` on the path without a
     registered rule (:func:`~inseq_semiring.rules.registry.function_rule`) raises (``"error"``, the default) or has
-    its forward operators differentiated, with a warning (``"forward"``).
+    its forward operators differentiated, with a warning (``"forward"``). ``plans`` (with ``model``): reuse the
+    structure of an earlier call of the same input shapes (:mod:`~inseq_semiring.plan`; same results, bit for bit);
+    False: always the one-off path.
     """
     ring = make_semiring(semiring, sign=sign, granularity=granularity, backpointers=backpointers)
     inputs = _check_inputs(inputs)
+    plan_key = plan = None
     if tape is None:
+        if model is not None and plans:
+            decomposition = resolve(decomposition)
+            plan_key = _plan.key(inputs, rules, decomposition, custom_functions)
+            plan = _plan.PLANS.get(model, plan_key)
         with attribution_mode(model):
             tape = record(fn, inputs, model=model, rules=rules, decomposition=decomposition,
-                          custom_functions=custom_functions)
+                          custom_functions=custom_functions, plan=plan)
     elif decomposition is not None and resolve(decomposition).name != tape.decomposition:
         raise InvalidInputError(f"the given tape was recorded with decomposition {tape.decomposition!r}, not "
                                 f"{resolve(decomposition).name!r}", where="run(tape=...)",
@@ -134,10 +143,15 @@ def run(
     _check_root(tape)
     trail: dict[int, Any] = {}
     keep = trail.__setitem__ if backpointers else None
-    with torch.no_grad(), sweep_scope():
-        env = sweep(tape, ring, ring.seed(tape.root), rules=rules, on_complete=keep)
+    replay = tape.plan if plan is not None and tape.plan is plan else None
+    memo = {} if replay is None else replay.memo()
+    with torch.no_grad(), sweep_scope(memo):
+        env = sweep(tape, ring, ring.seed(tape.root), rules=rules, on_complete=keep,
+                    plan_rules=None if replay is None else replay.rules)
         raw = tuple(env.get(tid) for tid in tape.input_ids)
         values = tuple(ring.finalize(r, x) for r, x in zip(raw, inputs))
+    if plan_key is not None and replay is None:  # first call of this key, or the graph changed: (re)plan
+        _plan.PLANS.put(model, plan_key, _plan.build(tape, rules, memo), keep=(rules, decomposition))
     return SemiringResult(values, raw, tape, ring, trail)
 
 

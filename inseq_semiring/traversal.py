@@ -9,7 +9,7 @@ An output's value is released once its producer has been processed (``on_complet
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from .errors import UnsupportedOpError
 from .graph.tape import Tape
@@ -23,9 +23,12 @@ def sweep(
     *,
     rules: RuleSet = DEFAULT_RULES,
     on_complete: Callable[[int, Any], None] | None = None,
+    plan_rules: Sequence[Callable] | None = None,
 ) -> dict[int, Any]:
-    """Propagate ``seed`` (the root's value) to every node; return ``{input id: value}`` (absent: semiring zero)."""
+    """Propagate ``seed`` (the root's value) to every node; return ``{input id: value}`` (absent: semiring zero).
+    ``plan_rules``: the rule of each record, from a :class:`~inseq_semiring.plan.Plan` that matches the tape."""
     env: dict[int, Any] = {tape.root_id: seed}
+    edges_of = rules.edges if plan_rules is None else (lambda rec: plan_rules[rec.index](rec))
     for rec in reversed(tape.records):
         outs = {slot: semiring.complete(env.pop(tid))
                 for slot, tid in enumerate(rec.output_ids) if tid is not None and tid in env}
@@ -36,7 +39,7 @@ def sweep(
                 on_complete(rec.output_ids[slot], value)
         pulled: dict[int, Any] = {}
         covered = set()
-        for out, leaf, kind in rules.edges(rec):
+        for out, leaf, kind in edges_of(rec):
             tid = rec.leaf_ids[leaf]
             if out not in outs or tid is None:
                 continue

@@ -54,6 +54,7 @@ class Tape:
     root: torch.Tensor | None = None
     model_class: str = ""
     decomposition: str = "aten"  # the name of the decomposition it was recorded under
+    plan: Any = None  # the plan (inseq_semiring.plan) whose signature this tape was found to match, if any
 
     def producers(self) -> dict[int, tuple[OpRecord, int]]:
         """Node id -> (record that produced it, output slot)."""

@@ -38,6 +38,12 @@ RULES: dict[torch._ops.OpOverload, Rule] = {}
 CONSTANT_OPS: set[torch._ops.OpOverload] = set()
 #: custom ``torch.autograd.Function`` class -> rule (its local Jacobian); see :func:`function_rule`
 FUNCTION_RULES: dict[type, Rule] = {}
+_VERSION = [0]  # bumped by every registration: plans (inseq_semiring.plan) made before it are not reused
+
+
+def table_version() -> int:
+    """How many registrations the global tables have seen (a plan records it; a new rule invalidates plans)."""
+    return _VERSION[0]
 
 
 def _overloads(op) -> list[torch._ops.OpOverload]:
@@ -56,6 +62,7 @@ def rule(*ops, table: dict | None = None):
                 if op in target:
                     raise ValueError(f"a rule for {op} is already registered ({target[op].__qualname__})")
                 target[op] = fn
+        _VERSION[0] += 1
         return fn
 
     return register
@@ -65,6 +72,7 @@ def constant_op(*ops) -> None:
     """Outputs of these operators are constants: no edges, not nodes (autograd gives them no gradient either)."""
     for packet in ops:
         CONSTANT_OPS.update(_overloads(packet))
+    _VERSION[0] += 1
 
 
 def function_rule(*function_classes, replace: bool = False):
@@ -82,6 +90,7 @@ def function_rule(*function_classes, replace: bool = False):
             if cls in FUNCTION_RULES and not replace:
                 raise ValueError(f"a rule for {cls.__qualname__} is already registered (pass replace=True)")
             FUNCTION_RULES[cls] = fn
+        _VERSION[0] += 1
         return fn
 
     return register

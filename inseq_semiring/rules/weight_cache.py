@@ -75,9 +75,11 @@ def sweep_memo() -> dict | None:
 
 
 @contextmanager
-def sweep_scope():
-    """Fingerprint each weight at most once inside the block (one sweep: both maps of a weight share it)."""
-    _SCOPES.stack.append({})
+def sweep_scope(memo: dict | None = None):
+    """Fingerprint each weight at most once inside the block (one sweep: both maps of a weight share it).
+    ``memo``: the dict to use (e.g. seeded with a plan's index maps, :mod:`inseq_semiring.plan`); a fresh one if
+    None."""
+    _SCOPES.stack.append({} if memo is None else memo)
     try:
         yield
     finally:
