@@ -20,18 +20,30 @@ def _is_other_container(obj) -> bool:
     return isinstance(obj, (tuple, list, dict)) or type(obj) in pytree.SUPPORTED_NODES
 
 
+#: Leaf types met in almost every call, appended without further checks.
+_PLAIN = {torch.Tensor, torch.nn.Parameter, int, float, bool, type(None), str, torch.dtype, torch.device,
+          torch.layout, torch.memory_format}
+
+
 def _flatten_into(obj, out: list) -> None:
     t = type(obj)
     if t in _SEQUENCES:
-        for x in obj:
-            _flatten_into(x, out)
+        _flatten_items(obj, out)
     elif t is dict:
-        for x in obj.values():  # pytree flattens a dict in its insertion order
-            _flatten_into(x, out)
-    elif _is_other_container(obj):
-        out.extend(pytree.tree_flatten(obj)[0])
-    else:
+        _flatten_items(obj.values(), out)  # pytree flattens a dict in its insertion order
+    elif t in _PLAIN or not _is_other_container(obj):
         out.append(obj)
+    else:
+        out.extend(pytree.tree_flatten(obj)[0])
+
+
+def _flatten_items(items, out: list) -> None:
+    """The leaves of a sequence's items, plain leaves appended inline (one call per container, not per leaf)."""
+    for x in items:
+        if type(x) in _PLAIN:
+            out.append(x)
+        else:
+            _flatten_into(x, out)
 
 
 def flat_leaves(tree) -> list[Any]:

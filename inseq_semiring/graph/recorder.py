@@ -197,28 +197,26 @@ class _RecordingMode(TorchDispatchMode):
 def _module_stack(mode: _RecordingMode, model: torch.nn.Module | None):
     """Keep ``mode.stack`` (the path of the module running now) with forward hooks that act for this thread only.
 
-    With ``model``, the hooks are registered on the model's own modules; without it, on every module (global hooks,
-    the only way to see modules of an unknown model). Either way a forward run by another thread (another
-    attribution, or the user's own work) never touches this recording's stack.
+    Two global module hooks (a pair per call, not a pair per module); with ``model`` they act only for the model's
+    own modules (those in ``mode.names``), without it for every module (the only way to see modules of an unknown
+    model). Either way a forward run by another thread (another attribution, or the user's own work) never touches
+    this recording's stack.
     """
     thread = threading.get_ident()
+    names, only_model = mode.names, model is not None
 
     def pre(module, _inputs):
         if threading.get_ident() == thread:
-            mode.stack.append(mode.names.get(id(module), type(module).__name__))
+            name = names.get(id(module))
+            if name is not None or not only_model:
+                mode.stack.append(type(module).__name__ if name is None else name)
 
     def post(module, _inputs, _output):
-        if threading.get_ident() == thread and mode.stack:
+        if threading.get_ident() == thread and mode.stack and (not only_model or id(module) in names):
             mode.stack.pop()
 
-    if model is not None:
-        handles = []
-        for module in model.modules():
-            handles.append(module.register_forward_pre_hook(pre))
-            handles.append(module.register_forward_hook(post, always_call=True))
-    else:
-        handles = [torch.nn.modules.module.register_module_forward_pre_hook(pre),
-                   torch.nn.modules.module.register_module_forward_hook(post, always_call=True)]
+    handles = [torch.nn.modules.module.register_module_forward_pre_hook(pre),
+               torch.nn.modules.module.register_module_forward_hook(post, always_call=True)]
     try:
         yield
     finally:
