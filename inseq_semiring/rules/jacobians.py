@@ -15,6 +15,13 @@ import torch
 from torch import Tensor
 
 
+def reads_on_host(t: Tensor) -> bool:
+    """Whether rules and pulls may read values of ``t`` on the host (a count, an all-valid flag) to skip work: on
+    the CPU, where that read is free. On other devices they take the dense path instead, so that a sweep never
+    waits for the device (no ``.item()``, ``bool(t.any())``, ``nonzero`` inside the sweep)."""
+    return t.device.type == "cpu"
+
+
 def _flat_to_index(flat: int, shape) -> tuple[int, ...]:
     idx = []
     for size in reversed(tuple(shape)):

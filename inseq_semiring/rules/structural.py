@@ -11,6 +11,7 @@ import torch
 
 from ..graph.flat_args import flat_leaves
 from ..graph.tape import OpRecord
+from . import jacobians
 from .jacobians import IndexMap, Pointwise
 from .registry import Edge, constant_op, rule
 from .weight_cache import sweep_memo
@@ -115,7 +116,8 @@ def _index_maps(rec: OpRecord, leaf: int) -> list[tuple[torch.Tensor, bool]]:
     out = []
     for idx in _index_call(rec, leaf):
         idx = idx.long()
-        out.append((idx, bool((idx >= 0).all())))
+        # off the CPU "not known to be all valid" (the pulls then mask), rather than a host read inside the sweep
+        out.append((idx, bool((idx >= 0).all()) if jacobians.reads_on_host(idx) else False))
     if key is not None:
         memo[key] = out
     return out

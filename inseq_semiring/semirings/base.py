@@ -23,6 +23,7 @@ from torch import Tensor
 
 from ..kernels.maxtimes import max_times
 from ..kernels.rowcore import core_pull_max, core_pull_sum
+from ..rules import jacobians as _jacobians
 from ..rules.jacobians import IndexMap, LayerNormRow, MatMul, Pointwise, Reduction, RowDense
 from .weight_maps import abs_weight, mapped_max_times, mapped_mm, mapped_mm_pair, neg_w_log_w  # noqa: F401
 
@@ -46,6 +47,11 @@ class Semiring:
     def cast(self, value, dtype: torch.dtype):
         """The same value in another floating dtype (used where the graph changes precision)."""
         return value.to(dtype)
+
+
+def skips_rows(t: Tensor) -> bool:
+    """Whether a pull may skip the rows that carry nothing (:func:`~inseq_semiring.rules.jacobians.reads_on_host`)."""
+    return _jacobians.reads_on_host(t)
 
 
 # -- shape helpers ----------------------------------------------------------------------------------------------
@@ -116,6 +122,10 @@ def linear_pull(kind, a: Tensor) -> Tensor:
             index, src = kind.index.reshape(-1), a.reshape(-1)
             if not kind.all_valid:
                 valid = index >= 0
+                if not skips_rows(a):  # no host read: the missing entries add a zero to position 0
+                    index, src = index.clamp(min=0), src.masked_fill(~valid, 0)
+                    out.index_add_(0, index, src)
+                    return (out * kind.weight if kind.weight != 1 else out).reshape(kind.in_shape)
                 if not bool(valid.all()):
                     index, src = index[valid], src[valid]
             if kind.injective:  # distinct positions: a scatter into zeros is the sum (0 + x = x)
@@ -170,8 +180,8 @@ def _matmul_scaled(kind: MatMul, z: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
         return z2, linear_pull(k_abs, u) + linear_pull(k_nlogn, z)
     n, k = kind.weight.shape
     zf, uf = z.reshape(-1, n), u.reshape(-1, n)
-    rows = (zf != 0).any(-1) | (uf != 0).any(-1)
-    n_active = int(rows.sum())
+    rows = (zf != 0).any(-1) | (uf != 0).any(-1) if skips_rows(z) else None
+    n_active = int(rows.sum()) if rows is not None else zf.shape[0]
     out_z = z.new_zeros(zf.shape[0], k)
     out_u = torch.zeros_like(out_z)
     if n_active:
@@ -204,6 +214,8 @@ def _matmul_linear(kind: MatMul, a: Tensor) -> Tensor:
 
 
 def _active_rows(rows: Tensor, product, width: int) -> Tensor:
+    if not skips_rows(rows):
+        return product(rows)
     active = (rows != 0).any(-1)
     n_active = int(active.sum())
     if n_active == rows.shape[0]:
@@ -263,7 +275,7 @@ def _rowdense_linear(kind: RowDense, a: Tensor) -> Tensor:
     n = kind.in_shape[-1]
     flat = a.reshape(-1, n)
     out = torch.zeros_like(flat)
-    rows = (flat != 0).any(-1).nonzero().flatten()
+    rows = _live_rows(flat)
     for sel, outs, jac in _dense_chunks(kind, flat, rows):
         out[sel] = torch.bmm(flat[sel][:, outs].unsqueeze(1), jac).squeeze(1)
     return out.reshape(a.shape)
@@ -333,6 +345,8 @@ def _scatter_max(kind: IndexMap, a: Tensor, largest: bool = True, empty: float =
     out_pos = torch.arange(a.numel(), device=a.device)
     where = kind.index.reshape(-1)
     src = a.reshape(-1)
+    if not skips_rows(a):
+        return _scatter_max_dense(kind, src, where, out_pos, n_in, largest, empty, index)
     valid = where >= 0
     if not bool(valid.all()):
         where, src, out_pos = where[valid], src[valid], out_pos[valid]
@@ -353,6 +367,29 @@ def _scatter_max(kind: IndexMap, a: Tensor, largest: bool = True, empty: float =
         fill.scatter_reduce_(0, where[win], out_pos[win], reduce="amin", include_self=True)
         arg = torch.where(fill < src.numel(), fill, arg)
     return best.reshape(kind.in_shape), arg.reshape(kind.in_shape)
+
+
+def _scatter_max_dense(kind: IndexMap, src, where, out_pos, n_in: int, largest: bool, empty: float,
+                       index: bool) -> tuple[Tensor, Tensor | None]:
+    """:func:`_scatter_max` without host reads: entries with no input (``-1``) go to one extra slot ``n_in``,
+    dropped at the end; the same maxima and winners (smallest output index among ties)."""
+    where = torch.where(where >= 0, where, n_in)
+    best = src.new_full((n_in + 1,), empty)
+    if kind.injective:
+        best.scatter_(0, where, src)  # distinct valid positions; the extra slot takes whatever comes last
+    else:
+        best.scatter_reduce_(0, where, src, reduce="amax" if largest else "amin", include_self=False)
+    if not index:
+        return best[:n_in].reshape(kind.in_shape), None
+    if kind.injective:
+        arg = torch.full((n_in + 1,), -1, dtype=torch.long, device=src.device).scatter_(0, where, out_pos)
+        return best[:n_in].reshape(kind.in_shape), arg[:n_in].reshape(kind.in_shape)
+    none = src.numel()
+    candidates = torch.where(src == best[where], out_pos, none)
+    fill = torch.full((n_in + 1,), none, dtype=torch.long, device=src.device)
+    fill.scatter_reduce_(0, where, candidates, reduce="amin", include_self=True)
+    arg = torch.where(fill < none, fill, -1)
+    return best[:n_in].reshape(kind.in_shape), arg[:n_in].reshape(kind.in_shape)
 
 
 def _matmul_max(kind: MatMul, a: Tensor, index: bool = True) -> tuple[Tensor, Tensor | None]:
@@ -409,7 +446,7 @@ def _rowdense_max(kind: RowDense, a: Tensor) -> tuple[Tensor, Tensor]:
     out = torch.zeros_like(flat)
     row_of = torch.arange(flat.shape[0], device=a.device).unsqueeze(-1) * n
     arg = (row_of + torch.arange(n, device=a.device)).clone()  # default: the diagonal edge
-    rows = (flat != 0).any(-1).nonzero().flatten()
+    rows = _live_rows(flat)
     for sel, outs, jac in _dense_chunks(kind, flat, rows):
         cand = flat[sel][:, outs].unsqueeze(-1) * jac  # [c, k, n]
         best, pos = _first_extreme(cand.transpose(1, 2), True)  # over outputs
@@ -423,13 +460,23 @@ def _dense_chunks(kind: RowDense, flat: Tensor, rows: Tensor):
     n = flat.shape[-1]
     if rows.numel() == 0:
         return
-    active_cols = (flat[rows] != 0).any(0).nonzero().flatten()
-    k = active_cols.numel()
+    if skips_rows(flat):
+        active_cols = (flat[rows] != 0).any(0).nonzero().flatten()
+        k = active_cols.numel()
+    else:  # every output position (no host read of which are live)
+        active_cols, k = None, n
     outs = active_cols if k < n else torch.arange(n, device=flat.device)
     step = max(1, CHUNK_ELEMENTS // max(1, outs.numel() * n))
     for start in range(0, rows.numel(), step):
         sel = rows[start:start + step]
         yield sel, outs, kind.dense(sel, outs if k < n else None)
+
+
+def _live_rows(flat: Tensor) -> Tensor:
+    """Indices of the rows that carry a value (all rows where :func:`skips_rows` is False)."""
+    if skips_rows(flat):
+        return (flat != 0).any(-1).nonzero().flatten()
+    return torch.arange(flat.shape[0], device=flat.device)
 
 
 def _numel(shape) -> int:
