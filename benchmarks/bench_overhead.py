@@ -6,7 +6,10 @@ the log-probability of one next token at the last position. Each timing is ``isr
 forward pass (recording); the baseline is ``torch.autograd.grad`` of the same root w.r.t. the input embeddings
 (forward + backward). One thread, median of ``--repeats`` of the process CPU time (the call's own work, robust on a
 shared machine), wall-clock alongside. ``records``: operator records on the tape; ``µs / record``: CPU time per
-record.
+record. ``recording``: the share of the figure spent recording (the forward pass under the dispatch mode, with the
+plan of the shape, timed on its own in the same rounds); for the autograd row, the share of its forward pass. Rows
+marked "one-off path" run without plans (``plans=False``: every call records, looks up and plans from scratch).
+Methods are timed round-robin (one call of each per round), so that load changes hit every row alike.
 
     python benchmarks/bench_overhead.py [--tokens 16] [--repeats 5] [--threads 1]
 """
@@ -34,6 +37,8 @@ METHODS = [
      {"sign": "positive", "granularity": "tensor", "backpointers": True}),
     ("maxpath negative, tensor + back-pointers", "maxpath",
      {"sign": "negative", "granularity": "tensor", "backpointers": True}),
+    ("gradient, one-off path", "gradient", {"plans": False}),
+    ("entropy, one-off path", "entropy", {"plans": False}),
 ]
 
 
@@ -82,16 +87,47 @@ def call(model, emb, root, semiring, options):
     return isr.run(root, emb, semiring, model=model, **options)
 
 
-def median_time(fn, repeats: int) -> tuple[float, float]:
-    """(median CPU seconds, median wall seconds) of ``repeats`` calls after one warm-up call."""
-    fn()
-    cpu, wall = [], []
-    for _ in range(repeats):
-        c0, t0 = time.process_time(), time.perf_counter()
+def recording(model, emb, root):
+    """One recording of the root's tape (the forward pass under the dispatch mode), with the shape's plan."""
+    from inseq_semiring import plan as plans
+    from inseq_semiring.decompositions import resolve
+    from inseq_semiring.graph.model_state import attribution_mode
+    from inseq_semiring.graph.recorder import record
+    from inseq_semiring.rules.registry import DEFAULT_RULES
+
+    decomposition = resolve(None)
+    plan = plans.PLANS.get(model, plans.key((emb,), DEFAULT_RULES, decomposition, "error"))
+
+    def go():
+        with attribution_mode(model):
+            tape = record(root, (emb,), model=model, decomposition=decomposition, plan=plan)
+        assert plan is None or tape.plan is plan
+        return tape
+
+    return go
+
+
+def forward_only(emb, root):
+    """The autograd baseline's forward pass alone (grad mode on, the graph built)."""
+    def go():
+        return root(emb.clone().requires_grad_(True))
+    return go
+
+
+def median_times(fns: dict, repeats: int) -> dict:
+    """name -> (median CPU seconds, median wall seconds) of ``repeats`` rounds, one call of each per round, after
+    one warm-up round."""
+    for fn in fns.values():
         fn()
-        cpu.append(time.process_time() - c0)
-        wall.append(time.perf_counter() - t0)
-    return statistics.median(cpu), statistics.median(wall)
+    cpu = {k: [] for k in fns}
+    wall = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            c0, t0 = time.process_time(), time.perf_counter()
+            fn()
+            cpu[k].append(time.process_time() - c0)
+            wall[k].append(time.perf_counter() - t0)
+    return {k: (statistics.median(cpu[k]), statistics.median(wall[k])) for k in fns}
 
 
 def main() -> None:
@@ -105,17 +141,24 @@ def main() -> None:
 
     print(f"# tiny models, {args.tokens} tokens, float32, CPU, threads={args.threads}, median of {args.repeats} "
           "(process CPU time)")
-    print("| model | records | method | CPU ms | × autograd | µs / record | wall ms |")
-    print("|---|---:|---|---:|---:|---:|---:|")
+    print("| model | records | method | CPU ms | × autograd | µs / record | recording | wall ms |")
+    print("|---|---:|---|---:|---:|---:|---:|---:|")
     for label, make in MODELS:
         model, emb, root = prepare(make, args.tokens)
         records = len(isr.run(root, emb, "gradient", model=model).tape.records)
-        base = None
-        for name, semiring, options in METHODS:
-            cpu, wall = median_time(lambda s=semiring, o=options: call(model, emb, root, s, o), args.repeats)
-            base = cpu if semiring is None else base
+        fns = {name: (lambda s=semiring, o=options: call(model, emb, root, s, o)) for name, semiring, options in METHODS}
+        fns["<recording>"] = recording(model, emb, root)
+        fns["<forward>"] = forward_only(emb, root)
+        times = median_times(fns, args.repeats)
+        base = times["autograd.grad"][0]
+        for name, semiring, _ in METHODS:
+            cpu, wall = times[name]
+            part = times["<forward>" if semiring is None else "<recording>"][0]
             print(f"| {label} | {records} | {name} | {cpu * 1e3:.1f} | {cpu / base:.2f} | {cpu * 1e6 / records:.1f} "
-                  f"| {wall * 1e3:.1f} |", flush=True)
+                  f"| {100 * part / cpu:.0f}% | {wall * 1e3:.1f} |", flush=True)
+        print(f"| {label} | {records} | recording alone | {times['<recording>'][0] * 1e3:.1f} | "
+              f"{times['<recording>'][0] / base:.2f} | {times['<recording>'][0] * 1e6 / records:.1f} | 100% | "
+              f"{times['<recording>'][1] * 1e3:.1f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -68,6 +68,9 @@ def function_calls(root: torch.Tensor, tracked: dict[int, tuple[int, torch.Tenso
     """The custom-Function calls on the path to ``root`` whose outputs are recorded nodes."""
     if not isinstance(root, torch.Tensor) or root.grad_fn is None:
         return []
+    custom = torch.autograd.function.BackwardCFunction
+    if not any(isinstance(t.grad_fn, custom) for _, t in tracked.values()):  # the common case: no walk needed
+        return []
     nodes = _custom_nodes(root)
     calls: dict[int, FunctionCall] = {}
     for tid, t in tracked.values():
@@ -135,10 +138,14 @@ def resolve_grad_mode(records: list[OpRecord], grad_off: set[int], tracked: dict
 
     ``late``: node id -> record index, for custom-Function outputs that no record produced (the forward made them
     from constants only, e.g. ``round``); they were tracked when first read, at that record."""
+    found = function_calls(root, tracked)
+    if not found and not grad_off:  # nothing to resolve: the records as they are
+        return records, set()
     producer = {tid: rec for rec in records for tid in rec.output_ids if tid is not None}
-    by_node = {(id(t.grad_fn), t.output_nr): (tid, t) for tid, t in tracked.values() if t.grad_fn is not None}
+    by_node = {(id(t.grad_fn), t.output_nr): (tid, t) for tid, t in tracked.values() if t.grad_fn is not None} \
+        if found else {}
     calls, arguments, dropped = [], {}, set()
-    for call in function_calls(root, tracked):
+    for call in found:
         args = _arguments(call, tracked, by_node)
         if any(tid is not None for tid, _ in args):
             calls.append(call)

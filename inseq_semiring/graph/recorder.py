@@ -66,7 +66,7 @@ class _RecordingMode(TorchDispatchMode):
         self.counter = itertools.count()
         self.grad_off: set[int] = set()  # indices of records made with grad mode off
         self.late: dict[int, int] = {}  # node id of a custom Function output first seen as an argument -> record index
-        self.writes: dict = {}  # operator -> positions of the arguments its schema writes into (per recording)
+        self.info: dict[int, tuple] = {}  # id(operator) -> what this recording needs to know of it (see _op_info)
 
     # -- node bookkeeping ---------------------------------------------------------------------------------------
     def track(self, t: torch.Tensor) -> int:
@@ -93,9 +93,27 @@ class _RecordingMode(TorchDispatchMode):
         return old
 
     # -- dispatch -----------------------------------------------------------------------------------------------
+    def _op_info(self, func) -> tuple:
+        """``(func, passive, write candidates, decomposition, overwrite, fill with a tensor, constant)``: looked up
+        once per operator and recording (an ``OpOverload`` hashes in Python; an ``id`` does not)."""
+        info = self.info.get(id(func))
+        if info is None:
+            schema = func._schema
+            candidates = ()
+            if schema.is_mutable:
+                written = {a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write}
+                # leaves are ordered like the flattened arguments; map the leading positional tensor arguments
+                candidates = tuple(pos for pos, arg in enumerate(schema.arguments) if arg.name in written)
+            info = (func, func in _PASSIVE, candidates, self.decomposition.lookup(func), func in _OVERWRITES,
+                    func in (aten.fill_.Tensor, aten.fill.Tensor),
+                    self.rules.is_constant(func) or func is aten.detach.default)
+            self.info[id(func)] = info
+        return info
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func in _PASSIVE:
+        _, passive, candidates, decompose, overwrites, fill_tensor, constant = self._op_info(func)
+        if passive:
             return func(*args, **kwargs)
         leaves = flat_leaves((args, kwargs))
         ids = self.ids
@@ -110,13 +128,13 @@ class _RecordingMode(TorchDispatchMode):
                     tid = self.track(x)
                     self.late[tid] = len(self.records)
             leaf_ids.append(tid)
-        written = self._written_leaves(func, leaves)
+        written = [pos for pos in candidates if pos < len(leaves) and isinstance(leaves[pos], torch.Tensor)] \
+            if candidates else candidates
         if all(i is None for i in leaf_ids):
             for pos in written:  # a constant overwrote a node: it is a node no more
                 self.ids.pop(id(leaves[pos]), None)
             return func(*args, **kwargs)
 
-        decompose = self.decomposition.lookup(func)
         if decompose is not None and not written:
             self.within.append(func)
             try:
@@ -151,15 +169,15 @@ class _RecordingMode(TorchDispatchMode):
                     saved_leaves[other] = old
 
         out = func(*args, **kwargs)
-        if func in _OVERWRITES and all(leaf_ids[i] is None for i in range(len(leaves)) if i not in written):
+        if overwrites and all(leaf_ids[i] is None for i in range(len(leaves)) if i not in written):
             for pos in written:  # overwritten by constants: the old value's edges are cut, as in autograd
                 self.ids.pop(id(leaves[pos]), None)
             return out
-        if func in (aten.fill_.Tensor, aten.fill.Tensor):
+        if fill_tensor:
             where = f"module '{module or '<top level>'}', operator {func}"
             raise UnsupportedModelError("fill with a traced value has no rule", where=where,
                                         fix="use value.expand_as(x) (or torch.full_like with a constant)")
-        if self.rules.is_constant(func) or func in (aten.detach.default,):
+        if constant:
             for pos in written:  # e.g. an in-place rounding: the result is a constant
                 self.ids.pop(id(leaves[pos]), None)
             return out
@@ -178,19 +196,6 @@ class _RecordingMode(TorchDispatchMode):
             self.grad_off.add(rec.index)
         self.records.append(rec)
         return out
-
-    def _written_leaves(self, func, leaves) -> list[int]:
-        """Positions of tensor leaves that the operator writes into (schema alias annotations with ``!``)."""
-        candidates = self.writes.get(func)
-        if candidates is None:
-            schema = func._schema
-            candidates = ()
-            if schema.is_mutable:
-                written = {a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write}
-                # leaves are ordered like the flattened arguments; map the leading positional tensor arguments
-                candidates = tuple(pos for pos, arg in enumerate(schema.arguments) if arg.name in written)
-            self.writes[func] = candidates
-        return [pos for pos in candidates if pos < len(leaves) and isinstance(leaves[pos], torch.Tensor)]
 
 
 @contextmanager
