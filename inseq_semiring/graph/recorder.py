@@ -187,11 +187,8 @@ class _RecordingMode(TorchDispatchMode):
             out_ids.append(self.track(t) if _is_floating(t) else None)
         if all(i is None for i in out_ids):
             return out
-        rec = OpRecord(
-            index=len(self.records), op=func, args=args, kwargs=kwargs, leaves=saved_leaves,
-            leaf_ids=tuple(leaf_ids), outputs=list(out_leaves), output_ids=tuple(out_ids), module_path=module,
-            decomposed_from=self.within[0] if self.within else None,
-        )
+        rec = OpRecord.new(len(self.records), func, args, kwargs, saved_leaves, tuple(leaf_ids), list(out_leaves),
+                           tuple(out_ids), module, self.within[0] if self.within else None)
         if not grad_on:
             self.grad_off.add(rec.index)
         self.records.append(rec)

@@ -36,6 +36,17 @@ class OpRecord:
     module_path: str
     decomposed_from: torch._ops.OpOverload | None = None
 
+    @classmethod
+    def new(cls, index, op, args, kwargs, leaves, leaf_ids, outputs, output_ids, module_path,
+            decomposed_from=None) -> "OpRecord":
+        """The same record as ``OpRecord(...)``, built without the frozen dataclass's per-field ``__setattr__``
+        (the recorder makes one per operator call)."""
+        rec = object.__new__(cls)
+        rec.__dict__.update(index=index, op=op, args=args, kwargs=kwargs, leaves=leaves, leaf_ids=leaf_ids,
+                            outputs=outputs, output_ids=output_ids, module_path=module_path,
+                            decomposed_from=decomposed_from)
+        return rec
+
     def is_node(self, leaf: int) -> bool:
         return self.leaf_ids[leaf] is not None
 

@@ -65,7 +65,7 @@ class Reduction:
     support: Tensor | None = None
 
     def map_weights(self, f: Callable[[Tensor], Tensor]) -> "Reduction":
-        return replace(self, weight=f(self.weight))
+        return Reduction(f(self.weight), self.dims, self.keepdim, self.in_shape, self.out_shape, self.support)
 
     def expand_out(self, a: Tensor) -> Tensor:
         """View an output-shaped tensor as input-shaped (each input element sees its one output)."""
@@ -106,8 +106,18 @@ class IndexMap:
         return self.index.shape if self.index is not None else self.shape
 
     def map_weights(self, f: Callable[[Tensor], Tensor]) -> "IndexMap":
-        w = float(f(torch.tensor(self.weight, dtype=torch.float64)))
-        return replace(self, weight=w)
+        """The map applied to the one weight; within a sweep each ``(f, weight)`` is evaluated once (the sweep's
+        memo, :func:`~inseq_semiring.rules.weight_cache.sweep_memo`)."""
+        from .weight_cache import sweep_memo
+
+        memo = sweep_memo()
+        key = ("scalar_map", f, self.weight)
+        w = None if memo is None else memo.get(key)
+        if w is None:
+            w = float(f(torch.tensor(self.weight, dtype=torch.float64)))
+            if memo is not None:
+                memo[key] = w
+        return IndexMap(self.index, self.in_shape, w, self.injective, self.identity, self.shape, self.all_valid)
 
     def entry(self, j: int, i: int) -> float:
         return self.weight
