@@ -96,6 +96,9 @@ class IndexMap:
     identity: bool = False  # y.flatten() == x.flatten() (views and copies in logical order): a pull is a reshape
     shape: torch.Size | None = None  # the output shape when ``index`` is None
     all_valid: bool = False  # known: no ``-1`` in ``index`` (every output element copies an input element)
+    #: for a bijection (transpose, permute): the output-shaped value moved to the input's layout, a view (a (+)
+    #: pull through weight 1 is exactly that, without the index); None otherwise
+    adjoint: Callable[[Tensor], Tensor] | None = None
 
     @classmethod
     def reshape(cls, in_shape, out_shape) -> "IndexMap":
@@ -117,7 +120,8 @@ class IndexMap:
             w = float(f(torch.tensor(self.weight, dtype=torch.float64)))
             if memo is not None:
                 memo[key] = w
-        return IndexMap(self.index, self.in_shape, w, self.injective, self.identity, self.shape, self.all_valid)
+        return IndexMap(self.index, self.in_shape, w, self.injective, self.identity, self.shape, self.all_valid,
+                        self.adjoint)
 
     def entry(self, j: int, i: int) -> float:
         return self.weight

@@ -123,11 +123,31 @@ def _index_maps(rec: OpRecord, leaf: int) -> list[tuple[torch.Tensor, bool]]:
     return out
 
 
+def _adjoint(rec: OpRecord):
+    """For a permutation of dims (``transpose``, ``t``, ``permute`` of the call's one tensor): the inverse
+    permutation as a view, ``a -> a'`` with ``a'[j] = a[i]`` where output element ``i`` copies input element ``j``."""
+    if rec.op is aten.t.default:  # its own inverse
+        return lambda a: a.t()
+    if rec.op is aten.transpose.int:  # its own inverse
+        d0, d1 = rec.args[1], rec.args[2]
+        return lambda a: a.transpose(d0, d1)
+    if rec.op is aten.permute.default:
+        n = rec.outputs[0].dim()
+        dims = [d % n for d in rec.args[1]] if n else []
+        inverse = [dims.index(d) for d in range(n)]
+        return lambda a: a.permute(inverse)
+    return None
+
+
+_PERMUTATIONS = {aten.transpose.int, aten.t.default, aten.permute.default}
+
+
 @rule(*INDEX_OPS)
 def index_map(rec: OpRecord):
     edges = []
     injective = rec.op in INJECTIVE_OPS
     identity = rec.op in IDENTITY_OPS
+    adjoint = _adjoint(rec) if rec.op in _PERMUTATIONS else None
     for leaf, tid in enumerate(rec.leaf_ids):
         if tid is None:
             continue
@@ -137,7 +157,8 @@ def index_map(rec: OpRecord):
             continue
         for slot, (idx, all_valid) in enumerate(_index_maps(rec, leaf)):
             if rec.output_ids[slot] is not None:
-                edges.append(Edge(slot, leaf, IndexMap(idx, x.shape, injective=injective, all_valid=all_valid)))
+                edges.append(Edge(slot, leaf, IndexMap(idx, x.shape, injective=injective, all_valid=all_valid,
+                                                       adjoint=adjoint)))
     return edges
 
 

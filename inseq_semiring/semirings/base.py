@@ -117,6 +117,9 @@ def linear_pull(kind, a: Tensor) -> Tensor:
     if isinstance(kind, IndexMap):
         if kind.identity:
             return a.reshape(kind.in_shape) * kind.weight if kind.weight != 1 else a.reshape(kind.in_shape)
+        if kind.adjoint is not None and kind.weight != 0 and a.dim() == kind.index.dim():  # a bijection: a view
+            out = kind.adjoint(a)
+            return out * kind.weight if kind.weight != 1 else out
         out = a.new_zeros(_numel(kind.in_shape))
         if kind.weight != 0:
             index, src = kind.index.reshape(-1), a.reshape(-1)
