@@ -61,7 +61,8 @@ def _switch_for(model: torch.nn.Module) -> _Switch:
 def _enter(model: torch.nn.Module, switch: _Switch) -> None:
     switch.training = {m: m.training for m in model.modules()}
     switch.attn = _attn_impl(model)
-    model.eval()
+    if any(switch.training.values()) or getattr(model, "use_kernels", False):  # eval() of an eval model: a no-op
+        model.eval()
     if switch.attn is not None and switch.attn not in DECOMPOSABLE_ATTENTION:
         _set_attn_impl(model, "eager")
 
