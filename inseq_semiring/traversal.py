@@ -29,9 +29,16 @@ def sweep(
     ``plan_rules``: the rule of each record, from a :class:`~inseq_semiring.plan.Plan` that matches the tape."""
     env: dict[int, Any] = {tape.root_id: seed}
     edges_of = rules.edges if plan_rules is None else (lambda rec: plan_rules[rec.index](rec))
+    complete, pull, cast, plus_within, plus = (semiring.complete, semiring.pull, semiring.cast,
+                                               semiring.plus_within, semiring.plus)
+    absent = object()
     for rec in reversed(tape.records):
-        outs = {slot: semiring.complete(env.pop(tid))
-                for slot, tid in enumerate(rec.output_ids) if tid is not None and tid in env}
+        outs = {}
+        for slot, tid in enumerate(rec.output_ids):
+            if tid is not None:
+                value = env.pop(tid, absent)
+                if value is not absent:
+                    outs[slot] = complete(value)
         if not outs:
             continue
         if on_complete is not None:
@@ -39,17 +46,19 @@ def sweep(
                 on_complete(rec.output_ids[slot], value)
         pulled: dict[int, Any] = {}
         covered = set()
+        leaf_ids, leaves, outputs = rec.leaf_ids, rec.leaves, rec.outputs
         for out, leaf, kind in edges_of(rec):
-            tid = rec.leaf_ids[leaf]
-            if out not in outs or tid is None:
+            tid = leaf_ids[leaf]
+            if tid is None or out not in outs:
                 continue
             covered.add(out)
-            value = semiring.pull(kind, outs[out], (rec.index, out, leaf))
-            leaf_dtype = rec.leaves[leaf].dtype
-            if leaf_dtype != rec.outputs[out].dtype:  # a precision island (autocast, float32 norms): as autograd
-                value = semiring.cast(value, leaf_dtype)
-            pulled[tid] = value if tid not in pulled else semiring.plus_within(pulled[tid], value)
-        if len(covered) < len(outs) and any(i is not None for i in rec.leaf_ids):
+            value = pull(kind, outs[out], (rec.index, out, leaf))
+            leaf_dtype = leaves[leaf].dtype
+            if leaf_dtype != outputs[out].dtype:  # a precision island (autocast, float32 norms): as autograd
+                value = cast(value, leaf_dtype)
+            before = pulled.get(tid, absent)
+            pulled[tid] = value if before is absent else plus_within(before, value)
+        if len(covered) < len(outs) and any(i is not None for i in leaf_ids):
             missing = sorted(set(outs) - covered)
             raise UnsupportedOpError(
                 f"the rule for {rec.op} gives no edges from output(s) {missing}, but they lie on the attribution path",
@@ -57,7 +66,8 @@ def sweep(
                 fix="extend that operator's rule in inseq_semiring/rules to cover those outputs",
             )
         for tid, value in pulled.items():
-            env[tid] = value if tid not in env else semiring.plus(env[tid], value)
+            before = env.get(tid, absent)
+            env[tid] = value if before is absent else plus(before, value)
     done = {tid: semiring.complete(env[tid]) for tid in tape.input_ids if tid in env}
     if on_complete is not None:
         for tid, value in done.items():

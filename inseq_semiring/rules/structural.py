@@ -142,12 +142,16 @@ def _adjoint(rec: OpRecord):
 _PERMUTATIONS = {aten.transpose.int, aten.t.default, aten.permute.default}
 
 
+#: id(operator) -> (injective, identity, permutation); an OpOverload hashes in Python, an id does not
+_KIND_OF = {id(op): (op in INJECTIVE_OPS, op in IDENTITY_OPS, op in _PERMUTATIONS) for op in INDEX_OPS}
+
+
 @rule(*INDEX_OPS)
 def index_map(rec: OpRecord):
     edges = []
-    injective = rec.op in INJECTIVE_OPS
-    identity = rec.op in IDENTITY_OPS
-    adjoint = _adjoint(rec) if rec.op in _PERMUTATIONS else None
+    injective, identity, permutation = _KIND_OF.get(id(rec.op)) or (
+        rec.op in INJECTIVE_OPS, rec.op in IDENTITY_OPS, rec.op in _PERMUTATIONS)
+    adjoint = _adjoint(rec) if permutation else None
     for leaf, tid in enumerate(rec.leaf_ids):
         if tid is None:
             continue
