@@ -10,6 +10,7 @@ import torch
 from ..graph.tape import OpRecord
 from .jacobians import IndexMap, Pointwise
 from .registry import Edge, rule
+from .weight_cache import sweep_memo
 
 aten = torch.ops.aten
 
@@ -19,12 +20,27 @@ def _edges(rec: OpRecord, weights: dict) -> list[Edge]:
     out = rec.outputs[0]
     edges = []
     for leaf, weight in weights.items():
-        if leaf < len(rec.leaf_ids) and rec.is_node(leaf):
+        if leaf < len(rec.leaf_ids) and rec.leaf_ids[leaf] is not None:
             w = weight()
             if not isinstance(w, torch.Tensor):
-                w = torch.tensor(w, dtype=out.dtype, device=out.device)
-            edges.append(Edge(0, leaf, Pointwise(w.to(out.dtype), rec.leaves[leaf].shape, out.shape)))
+                w = _constant(w, out)
+            elif w.dtype != out.dtype:
+                w = w.to(out.dtype)
+            edges.append(Edge(0, leaf, Pointwise(w, rec.leaves[leaf].shape, out.shape)))
     return edges
+
+
+def _constant(w, like: torch.Tensor) -> torch.Tensor:
+    """A Python number as a 0-dim tensor of ``like``'s dtype and device; within a sweep one tensor per value
+    (the sweep's memo; weights are never written to)."""
+    memo = sweep_memo()
+    key = ("scalar_weight", w, math.copysign(1.0, w) if isinstance(w, float) else 1.0, like.dtype, like.device)
+    t = None if memo is None else memo.get(key)
+    if t is None:
+        t = torch.tensor(w, dtype=like.dtype, device=like.device)
+        if memo is not None:
+            memo[key] = t
+    return t
 
 
 def _scalar(rec: OpRecord, pos: int, default=1):
