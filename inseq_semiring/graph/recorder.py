@@ -118,6 +118,7 @@ class _RecordingMode(TorchDispatchMode):
         leaves = flat_leaves((args, kwargs))
         ids = self.ids
         leaf_ids = []
+        reads_node = False
         for x in leaves:
             tid = None
             if isinstance(x, torch.Tensor) and (x.is_floating_point() or x.is_complex()):
@@ -127,10 +128,11 @@ class _RecordingMode(TorchDispatchMode):
                 elif isinstance(x.grad_fn, _CUSTOM_NODE):  # a custom Function's output no recorded operator made
                     tid = self.track(x)
                     self.late[tid] = len(self.records)
+                reads_node = reads_node or tid is not None
             leaf_ids.append(tid)
         written = [pos for pos in candidates if pos < len(leaves) and isinstance(leaves[pos], torch.Tensor)] \
             if candidates else candidates
-        if all(i is None for i in leaf_ids):
+        if not reads_node:
             for pos in written:  # a constant overwrote a node: it is a node no more
                 self.ids.pop(id(leaves[pos]), None)
             return func(*args, **kwargs)
@@ -181,7 +183,7 @@ class _RecordingMode(TorchDispatchMode):
             for pos in written:  # e.g. an in-place rounding: the result is a constant
                 self.ids.pop(id(leaves[pos]), None)
             return out
-        out_leaves = flat_leaves(out)
+        out_leaves = [out] if type(out) is torch.Tensor else flat_leaves(out)
         out_ids = []
         for t in out_leaves:
             out_ids.append(self.track(t) if _is_floating(t) else None)
