@@ -87,6 +87,23 @@ def test_the_device_branch_reads_nothing_on_the_host_and_gives_the_cpu_numbers(n
         torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12 * float(w.abs().max()))
 
 
+def test_the_layer_norm_core_fallback_reads_nothing_on_the_host(monkeypatch):
+    """The pure-torch layer-norm core pulls (the CUDA path; on the CPU the compiled kernel runs instead)."""
+    from inseq_semiring.kernels import rowcore
+
+    gen = torch.Generator().manual_seed(0)
+    xh = torch.randn(6, 5, generator=gen, dtype=torch.float64)
+    p = torch.randn(6, 5, generator=gen, dtype=torch.float64).abs()
+    p[[1, 4]] = 0  # dead rows: skipped on the CPU, computed (to 0, argmax 0) on a device
+    q = torch.randn(6, 5, generator=gen, dtype=torch.float64) * (p != 0)
+    want_sum, want_max = rowcore._torch_sum(xh, p, q, p), rowcore._torch_max(xh, p)
+    monkeypatch.setattr(jacobians, "reads_on_host", lambda t: False)
+    with _NoHostReads():
+        got_sum, got_max = rowcore._torch_sum(xh, p, q, p), rowcore._torch_max(xh, p)
+    for g, w in zip((*got_sum, *got_max), (*want_sum, *want_max)):
+        assert torch.equal(g, w)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 @pytest.mark.parametrize("semiring", SEMIRINGS)
 @pytest.mark.parametrize("name", ["gpt2", "llama"])
