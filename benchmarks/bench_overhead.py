@@ -7,7 +7,8 @@ forward pass (recording); the baseline is ``torch.autograd.grad`` of the same ro
 (forward + backward). One thread, median of ``--repeats`` of the process CPU time (the call's own work, robust on a
 shared machine), wall-clock alongside. ``records``: operator records on the tape; ``µs / record``: CPU time per
 record. ``recording``: the share of the figure spent recording (the forward pass under the dispatch mode, with the
-plan of the shape, timed on its own in the same rounds); for the autograd row, the share of its forward pass. Rows
+plan of the shape, timed on its own in the same rounds); for the autograd row, the share of its forward pass. The
+"floor" row is the forward pass under a dispatch mode that only calls through: no recording can cost less. Rows
 marked "one-off path" run without plans (``plans=False``: every call records, looks up and plans from scratch).
 Methods are timed round-robin (one call of each per round), so that load changes hit every row alike.
 
@@ -107,6 +108,21 @@ def recording(model, emb, root):
     return go
 
 
+def empty_mode_forward(emb, root):
+    """The floor of any recording: the forward pass (grad mode on) under a dispatch mode that only calls through."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CallThrough(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    def go():
+        e = emb.clone().requires_grad_(True)
+        with CallThrough():
+            return root(e)
+    return go
+
+
 def forward_only(emb, root):
     """The autograd baseline's forward pass alone (grad mode on, the graph built)."""
     def go():
@@ -149,6 +165,7 @@ def main() -> None:
         fns = {name: (lambda s=semiring, o=options: call(model, emb, root, s, o)) for name, semiring, options in METHODS}
         fns["<recording>"] = recording(model, emb, root)
         fns["<forward>"] = forward_only(emb, root)
+        fns["<empty mode>"] = empty_mode_forward(emb, root)
         times = median_times(fns, args.repeats)
         base = times["autograd.grad"][0]
         for name, semiring, _ in METHODS:
@@ -159,6 +176,9 @@ def main() -> None:
         print(f"| {label} | {records} | recording alone | {times['<recording>'][0] * 1e3:.1f} | "
               f"{times['<recording>'][0] / base:.2f} | {times['<recording>'][0] * 1e6 / records:.1f} | 100% | "
               f"{times['<recording>'][1] * 1e3:.1f} |", flush=True)
+        floor = times["<empty mode>"]
+        print(f"| {label} | {records} | forward under an empty dispatch mode (floor) | {floor[0] * 1e3:.1f} | "
+              f"{floor[0] / base:.2f} | {floor[0] * 1e6 / records:.1f} | - | {floor[1] * 1e3:.1f} |", flush=True)
 
 
 if __name__ == "__main__":
