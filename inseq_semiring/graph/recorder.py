@@ -67,11 +67,14 @@ class _RecordingMode(TorchDispatchMode):
         self.grad_off: set[int] = set()  # indices of records made with grad mode off
         self.late: dict[int, int] = {}  # node id of a custom Function output first seen as an argument -> record index
         self.info: dict[int, tuple] = {}  # id(operator) -> what this recording needs to know of it (see _op_info)
+        self.detached: dict[int, torch.Tensor] = {}  # id(node tensor) -> its detached alias (never removed)
 
     # -- node bookkeeping ---------------------------------------------------------------------------------------
     def track(self, t: torch.Tensor) -> int:
         tid = next(self.counter)
         self.ids[id(t)] = (tid, t)
+        if t.requires_grad:  # what records hold: one detached alias per node tensor (see _freeze)
+            self.detached[id(t)] = t.detach()
         return tid
 
     def node_id(self, t) -> int | None:
@@ -85,10 +88,11 @@ class _RecordingMode(TorchDispatchMode):
         that copy. In-place writes into recorded tensors are rare, so the holders are found by a scan of the
         records rather than indexed on every call."""
         old = t.detach().clone()
+        alias = self.detached.get(id(t), t)  # records hold node tensors as their detached aliases
         for rec in self.records:
             for holder in (rec.leaves, rec.outputs):
                 for pos, x in enumerate(holder):
-                    if x is t:
+                    if x is t or x is alias:
                         holder[pos] = old
         return old
 
@@ -153,7 +157,8 @@ class _RecordingMode(TorchDispatchMode):
                 "an in-place write with grad mode off (torch.no_grad() or a custom autograd.Function's forward) "
                 "into a traced tensor changes its value behind autograd's back; it cannot be represented faithfully",
                 where=where, fix="write out of place (y = f(x)) or outside the no_grad block")
-        saved_leaves = list(leaves)
+        detached = self.detached
+        saved_leaves = [detached.get(id(x), x) for x in leaves]
         for pos in written:
             t = leaves[pos]
             if t._base is not None and (self.node_id(t._base) is not None or leaf_ids[pos] is not None
@@ -189,7 +194,8 @@ class _RecordingMode(TorchDispatchMode):
             out_ids.append(self.track(t) if _is_floating(t) else None)
         if all(i is None for i in out_ids):
             return out
-        rec = OpRecord.new(len(self.records), func, args, kwargs, saved_leaves, tuple(leaf_ids), list(out_leaves),
+        rec = OpRecord.new(len(self.records), func, args, kwargs, saved_leaves, tuple(leaf_ids),
+                           [detached.get(id(t), t) for t in out_leaves],
                            tuple(out_ids), module, self.within[0] if self.within else None)
         if not grad_on:
             self.grad_off.add(rec.index)
@@ -228,20 +234,20 @@ def _module_stack(mode: _RecordingMode, model: torch.nn.Module | None):
             handle.remove()
 
 
-def _freeze(records: list[OpRecord]) -> None:
+def _freeze(records: list[OpRecord], detached: dict[int, torch.Tensor]) -> None:
     """Make the holders tuples (they were lists, for snapshots) and detach node tensors from the autograd graph the
-    recording built (the same detached object wherever a tensor appears, so identities between records hold)."""
-    detached: dict[int, torch.Tensor] = {}
-    for rec in records:
-        for holder, ids in ((rec.leaves, rec.leaf_ids), (rec.outputs, rec.output_ids)):
-            for t, i in zip(holder, ids):
-                if i is not None and t.requires_grad and id(t) not in detached:
-                    detached[id(t)] = t.detach()
+    recording built: ``detached`` holds one alias per node tensor, the same object wherever the tensor appears, so
+    identities between records hold. Operator records got their aliases when they were made; here the arguments and
+    the records of custom Functions (made from the live tensors) get theirs."""
     # constants (the model's weights among them) stay the objects they are: caches key on them
     get = detached.get
     for rec in records:
-        object.__setattr__(rec, "leaves", tuple([get(id(t), t) for t in rec.leaves]))
-        object.__setattr__(rec, "outputs", tuple([get(id(t), t) for t in rec.outputs]))
+        if isinstance(rec.op, type):  # a custom Function's record
+            object.__setattr__(rec, "leaves", tuple([get(id(t), t) for t in rec.leaves]))
+            object.__setattr__(rec, "outputs", tuple([get(id(t), t) for t in rec.outputs]))
+        else:
+            object.__setattr__(rec, "leaves", tuple(rec.leaves))
+            object.__setattr__(rec, "outputs", tuple(rec.outputs))
         object.__setattr__(rec, "args", _swap(rec.args, get))
         if "ctx" not in rec.kwargs and rec.kwargs:
             object.__setattr__(rec, "kwargs", _swap(rec.kwargs, get))
@@ -321,7 +327,7 @@ def record(
         root_id = None
     tape = Tape(records=records, input_ids=tuple(input_ids), root_id=root_id, root=root.detach(),
                 model_class=model_class, decomposition=decomposition.name)
-    _freeze(tape.records)
+    _freeze(tape.records, mode.detached)
     if plan is not None and plan.matches(tape):  # a matching plan's operators all have rules
         tape.plan = plan
     else:
