@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.utils._pytree import tree_flatten, tree_map
 
-from inseq_semiring.graph.flat_args import flat_leaves, map_leaves
+from inseq_semiring.graph.flat_args import call_leaves, flat_leaves, map_leaves
 
 T = torch.ones(2)
 Pair = collections.namedtuple("Pair", "a b")
@@ -31,3 +31,14 @@ def test_same_leaves_and_rebuild_as_pytree(tree):
     mark = lambda x: ("tensor", x.shape) if isinstance(x, torch.Tensor) else x  # noqa: E731
     assert repr(map_leaves(mark, tree)) == repr(tree_map(mark, tree))
     assert type(map_leaves(mark, tree)) is type(tree_map(mark, tree))
+
+
+CALLS = [((T, 1, [T, 2.0], (3, T)), {"b": T, "a": None}), ((torch.Size([2, 3]), T), {}), ((Pair(T, (3, T)),), {"x": [T]}),
+         ((), {}), ((T,), {"dtype": torch.float32, "out": (T, T)})]
+
+
+@pytest.mark.parametrize("call", CALLS, ids=range(len(CALLS)))
+def test_call_leaves_are_the_flattened_args_and_kwargs(call):
+    expected = tree_flatten(call)[0]
+    got = call_leaves(*call)
+    assert len(got) == len(expected) and all(a is b for a, b in zip(got, expected))

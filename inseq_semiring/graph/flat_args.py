@@ -46,6 +46,19 @@ def _flatten_items(items, out: list) -> None:
             _flatten_into(x, out)
 
 
+def call_leaves(args: tuple, kwargs: dict) -> list[Any]:
+    """``flat_leaves((args, kwargs))`` for an operator call (a tuple and a dict), without the outer containers."""
+    out: list[Any] = []
+    for x in args:
+        if type(x) in _PLAIN:
+            out.append(x)
+        else:
+            _flatten_into(x, out)
+    if kwargs:
+        _flatten_items(kwargs.values(), out)
+    return out
+
+
 def flat_leaves(tree) -> list[Any]:
     """``torch.utils._pytree.tree_flatten(tree)[0]``."""
     out: list[Any] = []

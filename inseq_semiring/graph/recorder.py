@@ -30,7 +30,7 @@ from ..decompositions import Decomposition, resolve
 from ..errors import InvalidInputError, UnsupportedModelError
 from ..rules.registry import DEFAULT_RULES, RuleSet
 from .custom_functions import check_policy, resolve_grad_mode
-from .flat_args import flat_leaves, map_leaves
+from .flat_args import call_leaves, flat_leaves, map_leaves
 from .tape import OpRecord, Tape
 
 aten = torch.ops.aten
@@ -119,7 +119,7 @@ class _RecordingMode(TorchDispatchMode):
         _, passive, candidates, decompose, overwrites, fill_tensor, constant = self._op_info(func)
         if passive:
             return func(*args, **kwargs)
-        leaves = flat_leaves((args, kwargs))
+        leaves = call_leaves(args, kwargs)
         ids = self.ids
         leaf_ids = []
         reads_node = False
