@@ -17,8 +17,8 @@ follow a different graph. On a mismatch the call takes the one-off path and the 
 the weights, also through ``.data`` (which does not bump a version counter), are followed because rules read the
 weights from the fresh tape.
 
-The cache is per model (a ``WeakKeyDictionary`` guarded by a lock), at most :data:`PLANS_PER_MODEL` plans each
-(least recently used dropped). A published plan is never mutated: concurrent calls share it read-only, and each
+The cache is per model (a ``WeakKeyDictionary`` guarded by a lock), at most :data:`PLANS_PER_MODEL` plans and
+:data:`PLAN_BYTES_PER_MODEL` bytes of index maps each (least recently used dropped). A published plan is never mutated: concurrent calls share it read-only, and each
 sweep works on its own copy of the index maps.
 """
 
@@ -37,6 +37,9 @@ from .rules import registry
 
 #: Plans kept per model (distinct input shapes / options), least recently used dropped first.
 PLANS_PER_MODEL = 8
+#: Bytes of index maps kept per model (GPT-2 small: ~4 MiB per plan at 64 tokens, ~18 MiB at 256); a plan larger
+#: than this is not kept.
+PLAN_BYTES_PER_MODEL = 128 * 2**20
 
 _INDEX_KEY = "index_map"  # the first element of the structural index-map memo keys (rules/structural.py)
 
@@ -55,6 +58,7 @@ class Plan:
     signature: tuple
     rules: tuple  # rule function per record
     index_maps: dict  # structural memo entries (read-only once published)
+    nbytes: int = 0  # bytes of the index tensors
 
     def matches(self, tape: Tape) -> bool:
         return signature(tape) == self.signature
@@ -68,7 +72,8 @@ def build(tape: Tape, rule_set: registry.RuleSet, memo: dict) -> Plan:
     """The plan of a tape just swept (``memo``: that sweep's memo; only its index maps are kept)."""
     fns = tuple(rule_set.lookup(rec.op) for rec in tape.records)
     maps = {k: v for k, v in memo.items() if isinstance(k, tuple) and k and k[0] == _INDEX_KEY}
-    return Plan(signature(tape), fns, maps)
+    nbytes = sum(idx.numel() * idx.element_size() for entry in maps.values() for idx, _ in entry)
+    return Plan(signature(tape), fns, maps, nbytes)
 
 
 def key(inputs: Sequence[torch.Tensor], rule_set: registry.RuleSet, decomposition: Any, custom_functions: str,
@@ -84,8 +89,9 @@ class PlanCache:
 
     The rule set and decomposition objects are held with the plan, so the ids in the key stay theirs."""
 
-    def __init__(self, per_model: int = PLANS_PER_MODEL):
+    def __init__(self, per_model: int = PLANS_PER_MODEL, bytes_per_model: int = PLAN_BYTES_PER_MODEL):
         self.per_model = per_model
+        self.bytes_per_model = bytes_per_model
         self._plans: "weakref.WeakKeyDictionary[torch.nn.Module, OrderedDict]" = weakref.WeakKeyDictionary()
         self._lock = threading.Lock()
 
@@ -100,10 +106,14 @@ class PlanCache:
     def put(self, model: torch.nn.Module, k: tuple, plan: Plan, keep: tuple = ()) -> None:
         with self._lock:
             plans = self._plans.setdefault(model, OrderedDict())
+            plans.pop(k, None)
+            if plan.nbytes > self.bytes_per_model:
+                return
             plans[k] = (plan, keep)
-            plans.move_to_end(k)
-            while len(plans) > self.per_model:
-                plans.popitem(last=False)
+            total = sum(p.nbytes for p, _ in plans.values())
+            while len(plans) > self.per_model or total > self.bytes_per_model:
+                _, (old, _) = plans.popitem(last=False)
+                total -= old.nbytes
 
     def clear(self, model: torch.nn.Module | None = None) -> None:
         with self._lock:

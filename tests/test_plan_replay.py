@@ -220,6 +220,22 @@ def test_the_cache_is_bounded_per_model():
     assert plan_mod.PLANS.size(case.model) == plan_mod.PLANS_PER_MODEL
 
 
+def test_the_cache_is_bounded_in_bytes():
+    model = torch.nn.Linear(2, 2)
+    cache = plan_mod.PlanCache(per_model=8, bytes_per_model=100)
+
+    def plan(nbytes):
+        return plan_mod.Plan((), (), {}, nbytes)
+
+    cache.put(model, "a", plan(60))
+    cache.put(model, "b", plan(30))
+    assert cache.size(model) == 2
+    cache.put(model, "c", plan(30))  # 120 bytes: the least recently used ("a") goes
+    assert cache.get(model, "a") is None and cache.get(model, "b") is not None and cache.size(model) == 2
+    cache.put(model, "d", plan(101))  # larger than the bound: not kept, nothing else dropped
+    assert cache.get(model, "d") is None and cache.size(model) == 2
+
+
 @pytest.mark.parametrize("semiring", ["gradient", "entropy", "maxpath"])
 def test_concurrent_calls_sharing_plans_give_the_sequential_results(semiring):
     cases = [tm.build("gpt2"), tm.build("llama")]
