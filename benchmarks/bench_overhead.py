@@ -162,7 +162,8 @@ def main() -> None:
     for label, make in MODELS:
         model, emb, root = prepare(make, args.tokens)
         records = len(isr.run(root, emb, "gradient", model=model).tape.records)
-        fns = {name: (lambda s=semiring, o=options: call(model, emb, root, s, o)) for name, semiring, options in METHODS}
+        fns = {name: (lambda s=semiring, o=options: call(model, emb, root, s, o))
+               for name, semiring, options in METHODS}
         fns["<recording>"] = recording(model, emb, root)
         fns["<forward>"] = forward_only(emb, root)
         fns["<empty mode>"] = empty_mode_forward(emb, root)

@@ -18,8 +18,8 @@ the weights, also through ``.data`` (which does not bump a version counter), are
 weights from the fresh tape.
 
 The cache is per model (a ``WeakKeyDictionary`` guarded by a lock), at most :data:`PLANS_PER_MODEL` plans and
-:data:`PLAN_BYTES_PER_MODEL` bytes of index maps each (least recently used dropped). A published plan is never mutated: concurrent calls share it read-only, and each
-sweep works on its own copy of the index maps.
+:data:`PLAN_BYTES_PER_MODEL` bytes of index maps each (least recently used dropped). A published plan is never
+mutated: concurrent calls share it read-only, and each sweep works on its own copy of the index maps.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import threading
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 
