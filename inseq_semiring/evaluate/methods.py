@@ -9,9 +9,11 @@ Backends:
 * **Inseq** (generation models with a tokenizer and ``text`` data): ``AttributionModel.attribute(text, text +
   target_token, method=m)`` (encoder-decoder: the target token alone), ``attributed_fn="contrast_prob_diff"`` with a
   contrast, then the column of the first generated token with Inseq's default aggregation of the method's output:
-  a granular output (one value per hidden dimension) is reduced by its L2 norm (Inseq's ``vnorm``); a per-token
-  output is taken as it is. Inseq's final normalisation (a positive rescaling of each column) is left out: it does
-  not change the ranking.
+  a granular output (one value per hidden dimension) is reduced by its L2 norm (Inseq's ``vnorm``), a
+  multi-dimensional one (``attention``: heads x layers) by its mean, a per-token output is taken as it is. Inseq's final normalisation (a positive rescaling of each column) is left out: it does
+  not change the ranking. Inseq does not run path methods (``integrated_gradients``) contrastively; on an example
+  with a contrast that method goes through the direct backend (same root ``p(t) - p(c)``, same aggregation).
+  ``attention`` ignores the target (and the contrast).
 * **direct** (sequence classifiers, which Inseq does not support, and ``input_ids`` data): the same methods through
   the engine / Captum on the input embeddings, with the same aggregation. Inseq-only built-ins are skipped there
   (:class:`MethodNotApplicable`, reason recorded).
@@ -73,7 +75,8 @@ TOKEN_SCORES: dict[str, TokenScore] = {
     "integrated_gradients": TokenScore(False, _L2, "integrated gradients (50 steps; Inseq's UNK baseline)"),
     "deeplift": TokenScore(False, _L2, "Captum DeepLift via Inseq"),
     "gradient_shap": TokenScore(False, _L2, "Captum GradientShap via Inseq"),
-    "attention": TokenScore(False, "-", "Inseq's attention weights (its default head / layer aggregation)"),
+    "attention": TokenScore(False, "mean over heads and layers (Inseq's default)", "attention weights from the "
+                                                                                      "predicting position"),
     "occlusion": TokenScore(False, "Inseq's default aggregation", "Captum Occlusion via Inseq"),
     "lime": TokenScore(False, "Inseq's default aggregation", "Captum LIME via Inseq"),
     "value_zeroing": TokenScore(False, "Inseq's default aggregation", "Value Zeroing via Inseq"),
@@ -82,6 +85,8 @@ ALIASES = {"guided_ig": "guided_integrated_gradients", "pgd": "pgd_attribution",
 #: computed through Inseq only (skipped on classifiers and input_ids data)
 INSEQ_ONLY = ("deeplift", "gradient_shap", "attention", "occlusion", "lime", "value_zeroing")
 REFERENCE = ("loo", "random")
+#: Inseq's internals methods: they do not look at the target, so a contrast is not passed to them
+OUTPUT_AGNOSTIC = ("attention", "value_zeroing")
 
 
 def canonical_method(name: str) -> str:
@@ -215,7 +220,7 @@ def inseq_scores(attribution_model, scorer, method: str, ex, target: int, contra
     tgt = tok.decode([target])
     kwargs = dict(method=method, show_progress=False, pretty_progress=False, step_scores=[])
     seq2seq = scorer.kind == "seq2seq"
-    if contrast is not None:
+    if contrast is not None and method not in OUTPUT_AGNOSTIC:
         alt = tok.decode([contrast])
         kwargs.update(attributed_fn="contrast_prob_diff", contrast_targets=alt if seq2seq else ex.text + alt)
     out = attribution_model.attribute(ex.text, tgt if seq2seq else ex.text + tgt, **kwargs)
@@ -230,6 +235,20 @@ def inseq_scores(attribution_model, scorer, method: str, ex, target: int, contra
         raise InvalidInputError(f"Inseq tokenized the example differently from the evaluation (input "
                                   f"{prefix[:8]}... vs {list(ex.input_ids)[:8]}..., target {generated} vs {target})")
     col = block[:len(prefix), 0] if seq2seq else block[:start, 0]
-    if col.dim() == 2:
-        col = _l2(col)
-    return [float(v) for v in col.double()]
+    return [float(v) for v in inseq_default_aggregation(col, getattr(seq, "_aggregator", None))]
+
+
+def inseq_default_aggregation(col: torch.Tensor, aggregator) -> torch.Tensor:
+    """One value per token from Inseq's output column ``[tokens, *extra]``: granular outputs (aggregator
+    ``"vnorm"``) by the L2 norm of the extra dimension, multi-dimensional ones (``attention``: heads, layers; one
+    ``"mean"`` per dimension) by the mean over them, per-token outputs as they are."""
+    col = col.double()
+    if col.dim() == 1:
+        return col
+    names = [aggregator] if isinstance(aggregator, str) else list(aggregator or [])
+    if names == ["vnorm"] and col.dim() == 2:
+        return _l2(col)
+    if names and all(n == "mean" for n in names) and len(names) == col.dim() - 1:
+        return col.flatten(1).mean(-1)
+    raise MethodNotApplicable(f"no known default aggregation {aggregator!r} for an Inseq output of shape "
+                              f"{tuple(col.shape)}")

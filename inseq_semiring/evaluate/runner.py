@@ -26,6 +26,7 @@ import io
 import json
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -45,6 +46,8 @@ from .store import Store, write_atomic
 __all__ = ["evaluate", "metric_names", "METRIC_NAMES", "DEFAULT_FRACTIONS", "EvalSummary"]
 
 DEFAULT_FRACTIONS = (0.1, 0.2, 0.3, 0.4, 0.5)
+#: methods Inseq cannot run with a contrastive target: computed directly on such examples (:mod:`.methods`)
+CONTRAST_DIRECT = ("integrated_gradients",)
 
 
 def _fname(f: float) -> str:
@@ -83,6 +86,27 @@ class EvalSummary:
 
 
 # ------------------------------------------------------------------------------------------------------------------
+_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+
+
+@contextmanager
+def _no_leftover_hooks(model):
+    """If the method fails, remove the module hooks it added and left (an Inseq method that failed half-way), so
+    that the scoring forwards after it see the plain model. (Hooks left after a success are the method's own
+    business: Inseq keeps some between calls.)"""
+    before = {(id(m), name): set(getattr(m, name, {}) or {}) for m in model.modules() for name in _HOOK_DICTS}
+    try:
+        yield
+    except BaseException:
+        for m in model.modules():
+            for name in _HOOK_DICTS:
+                hooks = getattr(m, name, None)
+                if hooks:
+                    for key in set(hooks) - before.get((id(m), name), set()):
+                        del hooks[key]
+        raise
+
+
 class _Evaluator:
     """The per-example and per-method work for one loaded model (also what a Ray worker runs)."""
 
@@ -123,10 +147,17 @@ class _Evaluator:
             return list(rec["loo"]), float(rec["loo_seconds"])
         if method == "random":
             return random_scores(len(ex.input_ids), self.seed, ex.id), time.perf_counter() - t0
-        if self.use_inseq and ex.text is not None:
-            scores = inseq_scores(self._inseq_model(), self.scorer, method, ex, rec["target"], rec["contrast"])
-        else:
-            scores = direct_scores(self.scorer, method, ex.input_ids, rec["target"], rec["contrast"])
+        with _no_leftover_hooks(self.scorer.model):
+            if self.use_inseq and ex.text is not None and not (rec["contrast"] is not None
+                                                               and method in CONTRAST_DIRECT):
+                try:
+                    scores = inseq_scores(self._inseq_model(), self.scorer, method, ex, rec["target"],
+                                          rec["contrast"])
+                except Exception:
+                    self._am = None  # a method that failed half-way may leave Inseq's wrapper in a bad state
+                    raise
+            else:
+                scores = direct_scores(self.scorer, method, ex.input_ids, rec["target"], rec["contrast"])
         return scores, time.perf_counter() - t0
 
     def method_record(self, method: str, ex: Example, rec: dict) -> dict:
