@@ -225,16 +225,21 @@ def inseq_scores(attribution_model, scorer, method: str, ex, target: int, contra
         kwargs.update(attributed_fn="contrast_prob_diff", contrast_targets=alt if seq2seq else ex.text + alt)
     out = attribution_model.attribute(ex.text, tgt if seq2seq else ex.text + tgt, **kwargs)
     seq = out.sequence_attributions[0]
-    block = seq.source_attributions if seq2seq else seq.target_attributions
-    tokens = seq.source if seq2seq else seq.target
     start = seq.attr_pos_start
-    prefix = [t.id for t in tokens] if seq2seq else [t.id for t in tokens[:start]]
-    generated = seq.target[start].id
+    if seq2seq:  # Inseq's decoder side: decoder start, the tokenizer's leading specials, then the target token
+        block, prefix, at = seq.source_attributions, [t.id for t in seq.source], len(scorer.decoder_prefix)
+        decoder = [t.id for t in seq.target[:at]]
+        if decoder != scorer.decoder_prefix:
+            raise InvalidInputError(f"Inseq's decoder prefix {decoder} is not the evaluation's "
+                                    f"{scorer.decoder_prefix}")
+    else:
+        block, prefix, at = seq.target_attributions, [t.id for t in seq.target[:start]], start
+    generated = seq.target[at].id if at < len(seq.target) else None
     # with a contrast Inseq marks the generated token as a pair (id -1): only the prompt can be compared then
     if prefix != list(ex.input_ids) or (generated != target and contrast is None):
         raise InvalidInputError(f"Inseq tokenized the example differently from the evaluation (input "
-                                  f"{prefix[:8]}... vs {list(ex.input_ids)[:8]}..., target {generated} vs {target})")
-    col = block[:len(prefix), 0] if seq2seq else block[:start, 0]
+                                f"{prefix[:8]}... vs {list(ex.input_ids)[:8]}..., target {generated} vs {target})")
+    col = block[:len(prefix), at - start]
     return [float(v) for v in inseq_default_aggregation(col, getattr(seq, "_aggregator", None))]
 
 
