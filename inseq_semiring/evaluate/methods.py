@@ -77,8 +77,9 @@ TOKEN_SCORES: dict[str, TokenScore] = {
     "gradient_shap": TokenScore(False, _L2, "Captum GradientShap via Inseq"),
     "attention": TokenScore(False, "mean over heads and layers (Inseq's default)", "attention weights from the "
                                                                                       "predicting position"),
-    "occlusion": TokenScore(False, "Inseq's default aggregation", "Captum Occlusion via Inseq"),
-    "lime": TokenScore(False, "Inseq's default aggregation", "Captum LIME via Inseq"),
+    "occlusion": TokenScore(True, "one value per token (window = the whole embedding, Inseq's default)",
+                            "Captum Occlusion via Inseq: s(x) - s(x with the token's embedding replaced by UNK's)"),
+    "lime": TokenScore(True, "Inseq's default aggregation", "Captum LIME via Inseq (needs scikit-learn)"),
     "value_zeroing": TokenScore(False, "Inseq's default aggregation", "Value Zeroing via Inseq"),
 }
 ALIASES = {"guided_ig": "guided_integrated_gradients", "pgd": "pgd_attribution", "ig": "integrated_gradients"}
