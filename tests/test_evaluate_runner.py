@@ -22,6 +22,8 @@ def _write(path, lines):
 
 @pytest.mark.parametrize("line, field, needle", [
     ({"input_ids": [0, 3], "relevant": [7]}, "relevant", "out of range"),
+    ({"input_ids": [0, 3], "relevant": []}, "relevant", "empty"),
+    ({"input_ids": [0, 3], "colour": 1}, "colour", "unknown field"),
     ({"target": 0}, "text", "neither"),
     ({"input_ids": []}, "input_ids", "non-empty"),
     ({"input_ids": [0, 99]}, "input_ids", "outside the vocabulary"),
