@@ -107,3 +107,6 @@ def test_cli_evaluate_checks_the_output_folder_before_loading(tmp_path, capsys, 
     rc, _, err = _run(capsys, "evaluate", "--data", str(data), "--methods", "loo", "--out", str(tmp_path / "o"),
                       "--fractions", "0.1,2", "-q")
     assert rc == 2 and "--fractions" in err and "outside (0, 1]" in err, err
+    rc, _, err = _run(capsys, "evaluate", "--data", str(tmp_path / "missing.jsonl"), "--methods", "loo", "--out",
+                      str(tmp_path / "o"), "-q")
+    assert rc == 2 and "no data file" in err and "--data" in err, err

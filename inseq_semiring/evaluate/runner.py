@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import sys
 import time
 from contextlib import contextmanager
@@ -37,9 +36,8 @@ from .curves import abpc, curve_sets
 from .data import Example, read_examples
 from .faithfulness import aopc, comprehensiveness, sufficiency
 from .ground_truth import hit_at_1, reciprocal_rank
-from .methods import (REFERENCE, TOKEN_SCORES, MethodNotApplicable, canonical_method, direct_scores, inseq_scores,
-                      random_scores)
-from .ranking import check_fractions, k_of, rank
+from .methods import MethodNotApplicable, canonical_method, direct_scores, inseq_scores, random_scores
+from .ranking import check_fractions, rank
 from .scoring import REMOVALS, TargetScorer
 from .store import Store, write_atomic
 
@@ -191,8 +189,7 @@ class _Evaluator:
                 metrics["hit@1"] = hit_at_1(order, ex.relevant)
                 metrics["rr"] = reciprocal_rank(order, ex.relevant)
         metrics["seconds"] = seconds
-        return {"id": ex.id, "method": method, "scores": scores, "morf": morf, "lerf": lerf, "metrics": metrics,
-                "k_checked": [k_of(f, n) for f in self.fractions]}
+        return {"id": ex.id, "method": method, "scores": scores, "morf": morf, "lerf": lerf, "metrics": metrics}
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -239,6 +236,9 @@ def evaluate(data: str | Path, methods: Sequence[str] | str, out: str | Path, *,
         raise InvalidInputError(f"unknown removal {removal!r}", where="--removal", fix="use delete or replace")
     if workers and not isinstance(model, str):
         raise InvalidInputError("workers > 0 needs the model as a name or folder (each worker loads it)")
+    if not Path(data).is_file():
+        raise InvalidInputError(f"no data file {str(data)!r}", where="--data",
+                                fix="give a JSONL file, one example a line")
     from ..output_files import check_output_folder
 
     out = check_output_folder(out)
