@@ -13,7 +13,8 @@ Outputs (pandas-readable; the column names are part of the API):
   ``suff@f`` for each fraction; ``hit@1`` and ``rr`` only where the example marks relevant tokens);
 * ``curves.parquet``: ``id, method, order`` (``"morf"`` / ``"lerf"``), ``k, fraction`` (``k / n``), ``score``
   (``k = 0`` is the full score);
-* ``skipped.csv``: ``method, id, reason`` (``id`` empty: the method was skipped for the whole run);
+* ``skipped.csv``: ``method, id, reason`` (``id`` empty: the method was skipped for the whole run; ``method`` ``*``:
+  the example could not be scored at all, e.g. its contrast is the model's predicted target);
 * ``errors.jsonl`` (``skip_bad``): the bad data lines.
 
 Then :func:`inseq_semiring.evaluate.report.write_reports` (summary, figures) when that module is installed.
@@ -278,14 +279,24 @@ def _check_same_example(rec: dict, ex: Example) -> None:
                                 where=f"line {ex.line}", fix="use --overwrite to start again")
 
 
+def _reason(e: BaseException) -> str:
+    return f"{type(e).__name__}: {' '.join(str(e).split())[:500]}"
+
+
 def process_example(ev: _Evaluator, ex: Example, methods, store: Store, summary: EvalSummary) -> None:
     """Everything of one example not yet on disk (the unit of resume: example record, then each method)."""
     rec = store.get("examples", ex.id)
     if rec is None:
-        rec = ev.example_record(ex)
+        try:
+            rec = ev.example_record(ex)
+        except Exception as e:  # the example cannot be scored (e.g. the contrast is the predicted target)
+            rec = {"id": ex.id, "input_ids": list(ex.input_ids), "skipped": _reason(e)}
+            summary.computed += 1
         store.put("examples", ex.id, rec)
     else:
         _check_same_example(rec, ex)
+    if "skipped" in rec:
+        return
     for m in methods:
         if store.method_skipped(m) is not None:
             continue
@@ -300,7 +311,7 @@ def process_example(ev: _Evaluator, ex: Example, methods, store: Store, summary:
             print(f"[inseq-semiring] evaluate: {m} skipped ({type(e).__name__}: {reason[:200]})", file=sys.stderr)
             continue
         except Exception as e:  # this example only
-            part = {"id": ex.id, "method": m, "skipped": f"{type(e).__name__}: {' '.join(str(e).split())[:500]}"}
+            part = {"id": ex.id, "method": m, "skipped": _reason(e)}
         store.put(m, ex.id, part)
         summary.computed += 1
 
@@ -334,6 +345,9 @@ def write_tables(out: Path, examples: list[Example], methods, store: Store, summ
     for ex in examples:
         rec = store.get("examples", ex.id)
         if rec is None:
+            continue
+        if "skipped" in rec:
+            skipped.append(("*", ex.id, rec["skipped"]))
             continue
         ex_rows.append({"id": ex.id, "target_token_id": rec["target"], "contrast_token_id": rec["contrast"],
                         "full_score": rec["full"], "n_removable": rec["n"]})
