@@ -145,3 +145,10 @@ def test_an_example_that_cannot_be_scored_is_skipped(tmp_path):
     assert pd.read_parquet(tmp_path / "out" / "examples.parquet").id.tolist() == ["ok"]
     again = evaluate(data, ["loo"], tmp_path / "out", model=AdditiveModel(W), progress=False)
     assert again.computed == 0 and s.computed == 2
+
+
+def test_a_passed_model_is_left_in_its_mode(tmp_path):
+    data = _write(tmp_path / "d.jsonl", [{"input_ids": [0, 3, 4]}])
+    model = AdditiveModel(W).train()
+    evaluate(data, ["loo", "saliency"], tmp_path / "out", model=model, progress=False)
+    assert model.training

@@ -121,7 +121,8 @@ class _Evaluator:
             from ..integrations.inseq import register
 
             register()
-            self._am = inseq.load_model(self.scorer.model, "saliency", tokenizer=self.scorer.tokenizer)
+            self._am = inseq.load_model(self.scorer.model, "saliency", tokenizer=self.scorer.tokenizer,
+                                        device=str(self.scorer.device))  # keep the model where it is
         return self._am
 
     def example_record(self, ex: Example) -> dict:
@@ -247,9 +248,22 @@ def evaluate(data: str | Path, methods: Sequence[str] | str, out: str | Path, *,
                 "baseline_id": baseline_id, "seed": seed, "use_inseq": use_inseq,
                 "data": str(Path(data).resolve())}
     store = Store(out, settings, overwrite=overwrite)
-    errors_path = out / "errors.jsonl"
-    errors_path.unlink(missing_ok=True)
+    (out / "errors.jsonl").unlink(missing_ok=True)
+    was_training = None if isinstance(model, str) else bool(getattr(model, "training", False))
     hf_model, tok, kind = _load(model, tokenizer)
+    try:
+        return _evaluate_loaded(hf_model, tok, kind, data, methods, out, store, model=model, fractions=fractions,
+                                removal=removal, baseline_id=baseline_id, seed=seed, workers=workers, limit=limit,
+                                skip_bad=skip_bad, batch_size=batch_size, progress=progress, use_inseq=use_inseq,
+                                reports=reports, t_start=t_start)
+    finally:
+        if was_training:  # a model the caller passed in is left in the mode it had
+            hf_model.train()
+
+
+def _evaluate_loaded(hf_model, tok, kind, data, methods, out, store, *, model, fractions, removal, baseline_id, seed,
+                     workers, limit, skip_bad, batch_size, progress, use_inseq, reports, t_start) -> EvalSummary:
+    errors_path = out / "errors.jsonl"
     scorer = TargetScorer(hf_model, kind, tokenizer=tok, removal=removal, baseline_id=baseline_id,
                           batch_size=batch_size)
     examples = read_examples(data, tok, config=getattr(hf_model, "config", None), kind=kind, skip_bad=skip_bad,
