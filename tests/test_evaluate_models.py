@@ -54,7 +54,8 @@ def test_sequence_classifier_direct_backend(tiny_bert_classifier_dir, tmp_path):
             {"id": "c", "text": "hello world"}]
     out = tmp_path / "out"
     s = evaluate(_data(tmp_path, rows), ["loo", "saliency", "semiring_maxpath", "attn_lrp", "attention_tracing",
-                                         "attention"], out, model=tiny_bert_classifier_dir, progress=False)
+                                         "attention", "occlusion"], out, model=tiny_bert_classifier_dir,
+                 progress=False)
     tok = AutoTokenizer.from_pretrained(tiny_bert_classifier_dir)
     model = AutoModelForSequenceClassification.from_pretrained(tiny_bert_classifier_dir).eval()
     ex = pd.read_parquet(out / "examples.parquet").set_index("id")
@@ -75,12 +76,23 @@ def test_sequence_classifier_direct_backend(tiny_bert_classifier_dir, tmp_path):
     sal = attr[(attr.id == "a") & (attr.method == "saliency")].sort_values("position")
     assert sal.score.to_numpy() == pytest.approx(g[0].norm(dim=-1).double().numpy(), rel=1e-4)
     assert sal.special.tolist() == [True] + [False] * 6 + [True]
+    # occlusion: |s(x) - s(x with token i's embedding replaced by [UNK]'s)|, by hand
+    unk = model.get_input_embeddings()(torch.tensor([tok.unk_token_id]))[0]
+    occ = []
+    with torch.no_grad():
+        for i in range(emb.shape[1]):
+            e = emb.detach().clone()
+            e[0, i] = unk
+            pi = model(inputs_embeds=e, attention_mask=enc.attention_mask).logits.softmax(-1)[0, 2]
+            occ.append(abs(float(p[2]) - float(pi)))
+    got = attr[(attr.id == "a") & (attr.method == "occlusion")].sort_values("position").score.to_numpy()
+    assert got == pytest.approx(occ, rel=1e-4, abs=1e-7)
     skipped = pd.read_csv(out / "skipped.csv")
     assert skipped.method.tolist() == ["attention"] and "sequence classifiers" in skipped.reason[0]
     met = pd.read_parquet(out / "metrics.parquet")
-    assert set(met.method) == {"loo", "saliency", "semiring_maxpath", "attn_lrp", "attention_tracing"}
+    assert set(met.method) == {"loo", "saliency", "semiring_maxpath", "attn_lrp", "attention_tracing", "occlusion"}
     assert set(met[met.id == "a"].metric) >= {"hit@1", "rr"}
-    assert s.computed == 15
+    assert s.computed == 18
 
 
 def test_encoder_decoder_through_inseq(tiny_bart_dir, tmp_path):
@@ -110,3 +122,23 @@ def test_encoder_decoder_through_inseq(tiny_bart_dir, tmp_path):
     attr = pd.read_parquet(out / "attributions.parquet")
     sal = attr[attr.method == "saliency"].sort_values("position").score.to_numpy()
     assert sal == pytest.approx(g[0].norm(dim=-1).double().numpy(), rel=1e-4)
+
+
+def test_direct_backend_equals_inseq_on_gpt2(tiny_gpt2_dir, tmp_path):
+    """The same methods through Inseq and through the engine / Captum directly give the same per-token scores."""
+    rows = [{"id": "a", "text": "The keys to the cabinet", "target": " are"},
+            {"id": "b", "text": "the cat sat on the", "target": " mat"}]
+    methods = ["saliency", "input_x_gradient", "semiring_maxpath", "attn_lrp", "occlusion", "integrated_gradients"]
+    data = _data(tmp_path, rows)
+    tables = {}
+    for use_inseq in (True, False):
+        out = tmp_path / f"inseq-{use_inseq}"
+        evaluate(data, methods, out, model=tiny_gpt2_dir, use_inseq=use_inseq, progress=False, fractions=(0.5,))
+        assert not (out / "skipped.csv").read_text().strip().splitlines()[1:]
+        tables[use_inseq] = pd.read_parquet(out / "attributions.parquet").sort_values(["id", "method", "position"])
+    a, b = tables[True], tables[False]
+    assert a[["id", "method", "position"]].to_numpy().tolist() == b[["id", "method", "position"]].to_numpy().tolist()
+    for m in methods:
+        x, y = a[a.method == m].score.to_numpy(), b[b.method == m].score.to_numpy()
+        scale = float(abs(x).max())
+        assert scale > 0 and abs(x - y).max() <= 2e-3 * scale, (m, x, y)

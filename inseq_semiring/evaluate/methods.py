@@ -77,14 +77,14 @@ TOKEN_SCORES: dict[str, TokenScore] = {
     "gradient_shap": TokenScore(False, _L2, "Captum GradientShap via Inseq"),
     "attention": TokenScore(False, "mean over heads and layers (Inseq's default)", "attention weights from the "
                                                                                       "predicting position"),
-    "occlusion": TokenScore(True, "one value per token (window = the whole embedding, Inseq's default)",
-                            "Captum Occlusion via Inseq: s(x) - s(x with the token's embedding replaced by UNK's)"),
+    "occlusion": TokenScore(False, "one value per token (window = the whole embedding, Inseq's default)",
+                            "|s(x) - s(x with the token's embedding replaced by UNK's)| (Inseq takes the abs)"),
     "lime": TokenScore(True, "Inseq's default aggregation", "Captum LIME via Inseq (needs scikit-learn)"),
     "value_zeroing": TokenScore(False, "Inseq's default aggregation", "Value Zeroing via Inseq"),
 }
 ALIASES = {"guided_ig": "guided_integrated_gradients", "pgd": "pgd_attribution", "ig": "integrated_gradients"}
 #: computed through Inseq only (skipped on classifiers and input_ids data)
-INSEQ_ONLY = ("deeplift", "gradient_shap", "attention", "occlusion", "lime", "value_zeroing")
+INSEQ_ONLY = ("deeplift", "gradient_shap", "attention", "lime", "value_zeroing")
 REFERENCE = ("loo", "random")
 #: Inseq's internals methods: they do not look at the target, so a contrast is not passed to them
 OUTPUT_AGNOSTIC = ("attention", "value_zeroing")
@@ -185,6 +185,18 @@ def _integrated_gradients(scorer, emb, fn):
     return _l2(a)[0]
 
 
+def _occlusion(scorer, emb, fn):
+    """``|s(x) - s(x with token i's embedding replaced by the baseline token's)|``, all ``i`` in one batch (the
+    absolute value, as Inseq's occlusion)."""
+    n = emb.shape[1]
+    base = _baseline_embeds(scorer, n)
+    batch = emb.expand(n, -1, -1).clone()
+    idx = torch.arange(n, device=emb.device)
+    batch[idx, idx] = base[0]
+    with torch.no_grad():
+        return (fn(emb) - fn(batch)).double().abs()
+
+
 DIRECT: dict[str, Callable] = {
     **{m: _semiring(m) for m in ("semiring_maxpath", "semiring_entropy", "semiring_flow", "semiring_gradient")},
     **{m: _lrp(m) for m in ("lrp_epsilon", "attn_lrp", "cp_lrp")},
@@ -197,6 +209,7 @@ DIRECT: dict[str, Callable] = {
     "saliency": lambda scorer, emb, fn: _l2(_grad(scorer, emb, fn).abs())[0],
     "input_x_gradient": lambda scorer, emb, fn: _l2(emb * _grad(scorer, emb, fn))[0],
     "integrated_gradients": _integrated_gradients,
+    "occlusion": _occlusion,
 }
 
 
