@@ -69,7 +69,7 @@ def test_cli_evaluate_tiny_gpt2(tiny_gpt2_dir, tmp_path, capsys):
     assert len(cur[(cur.id == "keys") & (cur.method == "loo")]) == 2 * 6
     # re-running resumes: nothing recomputed
     rc, stdout, err = _run(capsys, "evaluate", "--data", str(data), "--methods", "loo,semiring_maxpath,saliency",
-                           "--out", str(out), "--model", tiny_gpt2_dir, "--fractions", "0.2,0.5", "-q")
+                           "--out", str(out), "--model", tiny_gpt2_dir, "--fractions", "0.2", "0.5", "-q")
     assert rc == 0 and "0 computed, 9 already done; 0 scoring forward(s)" in stdout, stdout + err
 
 
