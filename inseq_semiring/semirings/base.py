@@ -288,7 +288,7 @@ def max_pull(kind, a: Tensor, index: bool = True) -> tuple[Tensor, Tensor | None
             return _rank1_max(kind, a)
         return _rowdense_max(kind, a)
     if isinstance(kind, LayerNormRow):
-        return _layernorm_max(kind, a)
+        return _layernorm_max(kind, a, index)
     raise TypeError(f"unknown Jacobian kind {type(kind).__name__}")
 
 
@@ -314,12 +314,15 @@ def _rank1_max(kind: RowDense, a: Tensor) -> tuple[Tensor, Tensor]:
     return best, rows * n + arg
 
 
-def _layernorm_max(kind: LayerNormRow, a: Tensor) -> tuple[Tensor, Tensor]:
-    """``max_i a_i |gain_i| |C_ij|`` (:func:`~inseq_semiring.kernels.rowcore.core_pull_max`)."""
+def _layernorm_max(kind: LayerNormRow, a: Tensor, index: bool = True) -> tuple[Tensor, Tensor | None]:
+    """``max_i a_i |gain_i| |C_ij|`` (:func:`~inseq_semiring.kernels.rowcore.core_pull_max`; no index work unless
+    ``index``)."""
     if kind.entry_map is not abs_weight:
         return _rowdense_max(kind, a)
     n = kind.xh.shape[-1]
-    vals, pos = core_pull_max(kind.xh, a * kind.gain.abs())
+    vals, pos = core_pull_max(kind.xh, a * kind.gain.abs(), index=index)
+    if pos is None:
+        return vals, None
     rows = torch.arange(a.numel() // n, device=a.device).reshape(a.shape[:-1]).unsqueeze(-1)
     return vals, rows * n + pos
 

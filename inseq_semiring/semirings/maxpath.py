@@ -243,7 +243,7 @@ def _signed_pull(kind, hi: Tensor, lo: Tensor, index: bool = True):
             return _signed_matmul_rows(kind, hi, lo, index)
         return _signed_matmul(kind, hi, lo, index)
     if isinstance(kind, (RowDense, LayerNormRow)):
-        return _signed_rowdense(kind, hi, lo)
+        return _signed_rowdense(kind, hi, lo, index)
     raise TypeError(f"unknown Jacobian kind {type(kind).__name__}")
 
 
@@ -478,9 +478,10 @@ def _exact_outputs(redo: Tensor, largest: bool, left: bool, h3: Tensor, l3: Tens
 _CHUNK = 1 << 22
 
 
-def _signed_rowdense(kind: RowDense | LayerNormRow, hi: Tensor, lo: Tensor):
-    """Rank-one rows and layer norm without the dense Jacobian (:mod:`.signed_rows`); others densely."""
-    fast = fast_signed_rowdense(kind, hi, lo)
+def _signed_rowdense(kind: RowDense | LayerNormRow, hi: Tensor, lo: Tensor, index: bool = True):
+    """Rank-one rows and layer norm without the dense Jacobian (:mod:`.signed_rows`); others densely. The args
+    may be None when ``index`` is False."""
+    fast = fast_signed_rowdense(kind, hi, lo, index)
     return fast if fast is not None else _signed_rowdense_dense(kind, hi, lo)
 
 
