@@ -333,19 +333,23 @@ def _scatter_max(kind: IndexMap, a: Tensor, largest: bool = True, empty: float =
     if kind.identity:
         return a.reshape(kind.in_shape), (torch.arange(a.numel(), device=a.device).reshape(kind.in_shape)
                                           if index else None)
-    out_pos = torch.arange(a.numel(), device=a.device)
     where = kind.index.reshape(-1)
     src = a.reshape(-1)
-    valid = where >= 0
-    if not bool(valid.all()):
-        where, src, out_pos = where[valid], src[valid], out_pos[valid]
+    out_pos = None  # the flat output positions of ``where`` (arange unless invalid entries were dropped)
+    if not kind.all_valid:  # the structural rule says when no entry is -1 (then no check, no sync)
+        valid = where >= 0
+        if not bool(valid.all()):
+            out_pos = torch.arange(a.numel(), device=a.device)[valid]
+            where, src = where[valid], src[valid]
     best = a.new_full((n_in,), empty)
     if kind.injective:  # one candidate per input element at most: a scatter, no max
-        best[where] = src
+        best.scatter_(0, where, src)
     else:
         best.scatter_reduce_(0, where, src, reduce="amax" if largest else "amin", include_self=False)
     if not index:
         return best.reshape(kind.in_shape), None
+    if out_pos is None:
+        out_pos = torch.arange(a.numel(), device=a.device)
     arg = torch.full((n_in,), -1, dtype=torch.long, device=a.device)
     if kind.injective:
         arg[where] = out_pos
