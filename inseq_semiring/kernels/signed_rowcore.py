@@ -99,15 +99,17 @@ static void row_signed(const T* x, const T* pmax, const T* pmin, int64_t n, T* o
   for (int l = 0; l < W; ++l) lane[l] = I(l);
   for (int64_t i = 0; i < n; ++i) {
     const T xi = xs[i], hi_i = px[i], lo_i = pn[i];
+    const V vhi = V{} + hi_i, vlo = V{} + lo_i;
     const IV iv = IV{} + I(i);
     V bh = V{} - inf, bl = V{} + inf;
     IV bhi = IV{} + I(0), bli = IV{} + I(0);
     for (int64_t j = i + 1; j < n; j += W) {
       const V c = (vload<V>(xs + j) * xi + T(1)) * minus_invn;  // C_ij = C_ji
       const IV pos = c >= V{};
-      // output i's offers to the inputs j..j+W
-      const V ch = pos ? c * hi_i : c * lo_i;
-      const V cl = pos ? c * lo_i : c * hi_i;
+      // output i's offers to the inputs j..j+W (the factor is chosen before the product: the same rounded product
+      // as choosing between the two products, half the multiplications)
+      const V ch = c * (pos ? vhi : vlo);
+      const V cl = c * (pos ? vlo : vhi);
       const V vj = vload<V>(vh + j), wj = vload<V>(vl + j);
       const IV mh = ch > vj, ml = cl < wj;
       vstore(vh + j, mh ? ch : vj);
@@ -118,8 +120,8 @@ static void row_signed(const T* x, const T* pmax, const T* pmin, int64_t n, T* o
       }
       // the outputs j..j+W's offers to the input i
       const V qx = vload<V>(px + j), qn = vload<V>(pn + j);
-      const V dh = pos ? c * qx : c * qn;
-      const V dl = pos ? c * qn : c * qx;
+      const V dh = c * (pos ? qx : qn);
+      const V dl = c * (pos ? qn : qx);
       const IV nh = dh > bh, nl = dl < bl;
       bh = nh ? dh : bh;
       bl = nl ? dl : bl;
