@@ -11,6 +11,8 @@ processes share the cores), with the wall-clock median alongside; the modes and 
 ``--profile``: seconds spent in the semiring's pulls per Jacobian kind (one extra run per mode).
 
     python benchmarks/bench_signed_maxpath.py [--tokens 32 128 512] [--gpt2-tokens 64] [--repeats 5] [--profile]
+    python benchmarks/bench_signed_maxpath.py --tokens --gpt2-tokens 16 64 256 --modes abs "abs + back-pointers"
+        (issue 11's maxpath rows against autograd, CPU time)
 """
 
 from __future__ import annotations
@@ -27,7 +29,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = "bert_2layer_s3_T16"
 MODES = [("abs", {"sign": "abs"}), ("positive", {"sign": "positive"}), ("negative", {"sign": "negative"}),
-         ("positive, tensor + back-pointers", {"sign": "positive", "granularity": "tensor", "backpointers": True})]
+         ("positive, tensor + back-pointers", {"sign": "positive", "granularity": "tensor", "backpointers": True}),
+         ("abs + back-pointers", {"sign": "abs", "backpointers": True}),
+         ("positive + back-pointers", {"sign": "positive", "backpointers": True})]
+#: Modes run unless --modes names others (the back-pointer rows are asked for: issue 11's maxpath variants).
+DEFAULT_MODES = ["abs", "positive", "negative", "positive, tensor + back-pointers"]
 
 
 def fixture_dir() -> Path:
@@ -132,7 +138,7 @@ def main() -> None:
     ap.add_argument("--gpt2-tokens", type=int, nargs="*", default=[64])
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--modes", nargs="*", default=[m for m, _ in MODES])
+    ap.add_argument("--modes", nargs="*", default=DEFAULT_MODES, help=f"any of {[m for m, _ in MODES]}")
     ap.add_argument("--profile", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)

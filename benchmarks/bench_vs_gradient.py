@@ -166,6 +166,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--no-memory", action="store_true")
+    ap.add_argument("--methods", nargs="+", default=None, help="only these rows (labels in METHODS; autograd always)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -180,16 +181,17 @@ def main() -> None:
           "included) | × gradient | opt-in weight cache: seconds | × gradient | cache MiB |")
     print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     os.environ.pop("INSEQ_SEMIRING_WEIGHT_CACHE_MB", None)
+    names = [m for m, _, _ in METHODS if args.methods is None or m in args.methods]
     for tokens in args.tokens:
         root, emb = make_call(model, tokens, args.device)
-        for name in ["autograd"] + [m for m, _, _ in METHODS]:
+        for name in ["autograd"] + names:
             one_call(name, model, root, emb)  # warm-up (kernel build, allocator)
         base = timed(lambda: one_call("autograd", model, root, emb), args.device, args.repeats)
         mem = {}
         if not args.no_memory:
-            for name in ["autograd"] + [m for m, _, _ in METHODS]:
+            for name in ["autograd"] + names:
                 mem[name] = peak_memory(name, tokens, args.layers, args.device, args.threads)
-        for name in ["autograd"] + [m for m, _, _ in METHODS]:
+        for name in ["autograd"] + names:
             call = lambda n=name: one_call(n, model, root, emb)  # noqa: E731
             t = base if name == "autograd" else timed(call, args.device, args.repeats)
             cached = ["-"] * 3

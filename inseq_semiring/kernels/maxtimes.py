@@ -56,7 +56,8 @@ from torch import Tensor
 
 from .extension import NO_EXT_ENV, CompiledExtension, _env_no_ext, _short_reason  # noqa: F401  (NO_EXT_ENV re-exported)
 
-__all__ = ["max_times", "min_times", "active_backend", "extension_build_seconds", "NO_EXT_ENV"]
+__all__ = ["max_times", "min_times", "max_times_abs", "max_min_pair", "fuses", "active_backend", "extension_build_seconds",
+           "NO_EXT_ENV"]
 
 #: Environment variable that, when set to ``1`` (or ``true``/``yes``), forces the torch backend.
 
@@ -81,6 +82,7 @@ _CPP_SOURCE = r"""
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -250,9 +252,60 @@ template <typename T> struct Scratch {
 
 // Rows [i0, i1) x columns [j0, j1) of one matrix product; returns true if a NaN/inf input
 // element was seen (the caller then fixes the NaN outputs up).
-template <typename T, bool ARG>
-static bool run_block(const T* A, const T* B, T* C, int64_t* Cidx, int64_t k, int64_t n,
-                      int64_t i0, int64_t i1, int64_t j0, int64_t j1, Scratch<T>& s) {
+// Pack B[p0:p0+kc, j:j+w] (element (p, q) at B[p * sbk + q * sbn]) as [p][NR], |x| when ABSB, zero columns
+// past the edge; returns whether a NaN/inf element was seen. A transposed B (sbn != 1) is read along p.
+template <typename T, bool ABSB>
+static inline unsigned pack_b(const T* B, int64_t sbk, int64_t sbn, int64_t p0, int64_t kc, int64_t j,
+                              int64_t w, int NR, T* Bp) {
+  unsigned bad = 0;
+  if (sbn == 1) {
+    for (int64_t p = 0; p < kc; ++p) {
+      const T* src = B + (p0 + p) * sbk + j;
+      T* dst = Bp + p * NR;
+      for (int64_t q = 0; q < w; ++q) {
+        const T x = src[q];
+        bad |= nonfinite(x);
+        dst[q] = ABSB ? std::fabs(x) : x;
+      }
+      for (int64_t q = w; q < NR; ++q) dst[q] = T(0);
+    }
+  } else {
+    // groups of G columns: G read streams along p, G consecutive writes per p (a column at a time would write
+    // with a stride of NR elements and run ~10x slower)
+    constexpr int G = 8;
+    for (int64_t q0 = 0; q0 < w; q0 += G) {
+      const int g = static_cast<int>(std::min<int64_t>(G, w - q0));
+      const T* src = B + p0 * sbk + (j + q0) * sbn;
+      if (g == G && sbk == 1) {
+        for (int64_t p = 0; p < kc; ++p) {
+          T* dst = Bp + p * NR + q0;
+#pragma GCC unroll 8
+          for (int qq = 0; qq < G; ++qq) {
+            const T x = src[qq * sbn + p];
+            bad |= nonfinite(x);
+            dst[qq] = ABSB ? std::fabs(x) : x;
+          }
+        }
+      } else {
+        for (int64_t p = 0; p < kc; ++p) {
+          T* dst = Bp + p * NR + q0;
+          for (int qq = 0; qq < g; ++qq) {
+            const T x = src[qq * sbn + p * sbk];
+            bad |= nonfinite(x);
+            dst[qq] = ABSB ? std::fabs(x) : x;
+          }
+        }
+      }
+    }
+    for (int64_t p = 0; p < kc; ++p)
+      for (int64_t q = w; q < NR; ++q) Bp[p * NR + q] = T(0);
+  }
+  return bad;
+}
+
+template <typename T, bool ARG, bool ABSB>
+static bool run_block(const T* A, const T* B, T* C, int64_t* Cidx, int64_t k, int64_t n, int64_t sbk,
+                      int64_t sbn, int64_t i0, int64_t i1, int64_t j0, int64_t j1, Scratch<T>& s) {
   typedef typename VT<T>::I I;
   constexpr int W = MT_VBYTES / sizeof(T);
   constexpr int MR = Tile<ARG>::MR, NV = Tile<ARG>::NV, NR = NV * W;
@@ -289,24 +342,7 @@ static bool run_block(const T* A, const T* B, T* C, int64_t* Cidx, int64_t k, in
       // pack B[p0:p0+kc, j:j+NR] as [p][NR], zero columns past the edge
       const int64_t j = j0 + jt * NR;
       const int64_t w = std::min<int64_t>(NR, j1 - j);
-      for (int64_t p = 0; p < kc; ++p) {
-        const T* src = B + (p0 + p) * n + j;
-        T* dst = Bp + p * NR;
-        if (w == NR) {
-          for (int q = 0; q < NR; ++q) {
-            const T x = src[q];
-            bad |= nonfinite(x);
-            dst[q] = x;
-          }
-        } else {
-          for (int64_t q = 0; q < w; ++q) {
-            const T x = src[q];
-            bad |= nonfinite(x);
-            dst[q] = x;
-          }
-          for (int64_t q = w; q < NR; ++q) dst[q] = T(0);
-        }
-      }
+      bad |= pack_b<T, ABSB>(B, sbk, sbn, p0, kc, j, w, NR, Bp);
       for (int64_t it = 0; it < mt; ++it) {
         const int64_t off = (it * nt + jt) * MR * NR;
         micro<T, ARG, MR, NV>(Ap + it * kc * MR, Bp, kc, static_cast<I>(p0), Cw + off,
@@ -333,9 +369,9 @@ static bool run_block(const T* A, const T* B, T* C, int64_t* Cidx, int64_t k, in
   return bad != 0;
 }
 
-template <typename T, bool ARG>
+template <typename T, bool ARG, bool ABSB>
 static bool run_all(const T* A, const T* B, T* C, int64_t* Cidx, int64_t nbatch, int64_t m,
-                    int64_t k, int64_t n) {
+                    int64_t k, int64_t n, int64_t sbb, int64_t sbk, int64_t sbn) {
   const int64_t mch = (m + MT_MC - 1) / MT_MC, nch = (n + MT_NC - 1) / MT_NC;
   const int64_t ntask = nbatch * mch * nch;
   std::atomic<bool> bad(false);
@@ -347,8 +383,162 @@ static bool run_all(const T* A, const T* B, T* C, int64_t* Cidx, int64_t nbatch,
       const int64_t ic = rem / nch, jc = rem % nch;
       const int64_t i0 = ic * MT_MC, i1 = std::min<int64_t>(m, i0 + MT_MC);
       const int64_t j0 = jc * MT_NC, j1 = std::min<int64_t>(n, j0 + MT_NC);
-      local |= run_block<T, ARG>(A + bi * m * k, B + bi * k * n, C + bi * m * n,
-                                 ARG ? Cidx + bi * m * n : nullptr, k, n, i0, i1, j0, j1, s);
+      local |= run_block<T, ARG, ABSB>(A + bi * m * k, B + bi * sbb, C + bi * m * n,
+                                       ARG ? Cidx + bi * m * n : nullptr, k, n, sbk, sbn, i0, i1, j0, j1, s);
+    }
+    if (local) bad.store(true);
+  });
+  return bad.load();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Signed pair (no argmax): hi = max_p max(h_p b_pj, l_p b_pj), lo = min_p min(h_p b_pj, l_p b_pj)
+// in one pass over B: both products once, four compares (the stacked form [h, l, -h, -l] costs
+// four products and four compares, and packs B once per 192 of its 4x rows).
+// ---------------------------------------------------------------------------------------------
+#if MT_NREGS >= 32
+#ifndef MT_MRP
+#define MT_MRP 4
+#define MT_NVP 3
+#endif
+#else
+#ifndef MT_MRP
+#define MT_MRP 2
+#define MT_NVP 2
+#endif
+#endif
+
+template <typename T, int MR, int NV>
+static inline __attribute__((always_inline)) void micro_pair(
+    const T* __restrict Aph, const T* __restrict Apl, const T* __restrict Bp, int64_t kc,
+    T* __restrict Ch, T* __restrict Cl) {
+  typedef typename VT<T>::V V;
+  constexpr int W = MT_VBYTES / sizeof(T);
+  constexpr int NR = NV * W;
+  V hi[MR][NV], lo[MR][NV];
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 16
+    for (int v = 0; v < NV; ++v) {
+      hi[r][v] = vload<V>(Ch + r * NR + v * W);
+      lo[r][v] = vload<V>(Cl + r * NR + v * W);
+    }
+  for (int64_t p = 0; p < kc; ++p) {
+    V bv[NV];
+#pragma GCC unroll 16
+    for (int v = 0; v < NV; ++v) bv[v] = vload<V>(Bp + p * NR + v * W);
+#pragma GCC unroll 16
+    for (int r = 0; r < MR; ++r) {
+      const T sh = Aph[p * MR + r], sl = Apl[p * MR + r];
+#pragma GCC unroll 16
+      for (int v = 0; v < NV; ++v) {
+        const V p1 = bv[v] * sh, p2 = bv[v] * sl;
+        hi[r][v] = p1 > hi[r][v] ? p1 : hi[r][v];
+        hi[r][v] = p2 > hi[r][v] ? p2 : hi[r][v];
+        lo[r][v] = p1 < lo[r][v] ? p1 : lo[r][v];
+        lo[r][v] = p2 < lo[r][v] ? p2 : lo[r][v];
+      }
+    }
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 16
+    for (int v = 0; v < NV; ++v) {
+      vstore(Ch + r * NR + v * W, hi[r][v]);
+      vstore(Cl + r * NR + v * W, lo[r][v]);
+    }
+}
+
+template <typename T> struct PairScratch {
+  Buf<T> aph, apl, bp, ch, cl;
+};
+
+template <typename T>
+static inline unsigned pack_a(const T* A, int64_t k, int64_t i0, int64_t mb, int64_t mt, int MR, int64_t p0,
+                              int64_t kc, T* Ap) {
+  unsigned bad = 0;
+  for (int64_t t = 0; t < mt; ++t) {
+    T* dst = Ap + t * kc * MR;
+    for (int r = 0; r < MR; ++r) {
+      const int64_t row = t * MR + r;
+      if (row < mb) {
+        const T* src = A + (i0 + row) * k + p0;
+        for (int64_t p = 0; p < kc; ++p) {
+          const T x = src[p];
+          bad |= nonfinite(x);
+          dst[p * MR + r] = x;
+        }
+      } else {
+        for (int64_t p = 0; p < kc; ++p) dst[p * MR + r] = T(0);
+      }
+    }
+  }
+  return bad;
+}
+
+template <typename T>
+static bool run_block_pair(const T* Ah, const T* Al, const T* B, T* Ch, T* Cl, int64_t k, int64_t n,
+                           int64_t sbk, int64_t sbn, int64_t i0, int64_t i1, int64_t j0, int64_t j1,
+                           PairScratch<T>& s) {
+  constexpr int W = MT_VBYTES / sizeof(T);
+  constexpr int MR = MT_MRP, NV = MT_NVP, NR = NV * W;
+  const int64_t mb = i1 - i0, nb = j1 - j0;
+  const int64_t mt = (mb + MR - 1) / MR, nt = (nb + NR - 1) / NR;
+  const int64_t KC = std::min<int64_t>(MT_KC, k);
+  T* Aph = s.aph.get(static_cast<size_t>(mt * MR * KC));
+  T* Apl = s.apl.get(static_cast<size_t>(mt * MR * KC));
+  T* Bp = s.bp.get(static_cast<size_t>(KC * NR));
+  const size_t tiles = static_cast<size_t>(mt * nt * MR * NR);
+  T* Hw = s.ch.get(tiles);
+  T* Lw = s.cl.get(tiles);
+  std::fill(Hw, Hw + tiles, -std::numeric_limits<T>::infinity());
+  std::fill(Lw, Lw + tiles, std::numeric_limits<T>::infinity());
+  unsigned bad = 0;
+  for (int64_t p0 = 0; p0 < k; p0 += KC) {
+    const int64_t kc = std::min<int64_t>(KC, k - p0);
+    bad |= pack_a(Ah, k, i0, mb, mt, MR, p0, kc, Aph);
+    bad |= pack_a(Al, k, i0, mb, mt, MR, p0, kc, Apl);
+    for (int64_t jt = 0; jt < nt; ++jt) {
+      const int64_t j = j0 + jt * NR;
+      const int64_t w = std::min<int64_t>(NR, j1 - j);
+      bad |= pack_b<T, false>(B, sbk, sbn, p0, kc, j, w, NR, Bp);
+      for (int64_t it = 0; it < mt; ++it) {
+        const int64_t off = (it * nt + jt) * MR * NR;
+        micro_pair<T, MR, NV>(Aph + it * kc * MR, Apl + it * kc * MR, Bp, kc, Hw + off, Lw + off);
+      }
+    }
+  }
+  for (int64_t it = 0; it < mt; ++it)
+    for (int r = 0; r < MR; ++r) {
+      const int64_t row = it * MR + r;
+      if (row >= mb) break;
+      for (int64_t jt = 0; jt < nt; ++jt) {
+        const int64_t j = jt * NR;
+        const int64_t w = std::min<int64_t>(NR, nb - j);
+        const int64_t off = (it * nt + jt) * MR * NR + r * NR;
+        std::memcpy(Ch + (i0 + row) * n + j0 + j, Hw + off, static_cast<size_t>(w) * sizeof(T));
+        std::memcpy(Cl + (i0 + row) * n + j0 + j, Lw + off, static_cast<size_t>(w) * sizeof(T));
+      }
+    }
+  return bad != 0;
+}
+
+template <typename T>
+static bool run_all_pair(const T* Ah, const T* Al, const T* B, T* Ch, T* Cl, int64_t nbatch, int64_t m,
+                         int64_t k, int64_t n, int64_t sbb, int64_t sbk, int64_t sbn) {
+  const int64_t mch = (m + MT_MC - 1) / MT_MC, nch = (n + MT_NC - 1) / MT_NC;
+  const int64_t ntask = nbatch * mch * nch;
+  std::atomic<bool> bad(false);
+  at::parallel_for(0, ntask, 1, [&](int64_t beg, int64_t end) {
+    PairScratch<T> s;
+    bool local = false;
+    for (int64_t t = beg; t < end; ++t) {
+      const int64_t bi = t / (mch * nch), rem = t % (mch * nch);
+      const int64_t ic = rem / nch, jc = rem % nch;
+      const int64_t i0 = ic * MT_MC, i1 = std::min<int64_t>(m, i0 + MT_MC);
+      const int64_t j0 = jc * MT_NC, j1 = std::min<int64_t>(n, j0 + MT_NC);
+      local |= run_block_pair<T>(Ah + bi * m * k, Al + bi * m * k, B + bi * sbb, Ch + bi * m * n,
+                                 Cl + bi * m * n, k, n, sbk, sbn, i0, i1, j0, j1, s);
     }
     if (local) bad.store(true);
   });
@@ -359,10 +549,11 @@ static bool run_all(const T* A, const T* B, T* C, int64_t* Cidx, int64_t nbatch,
 
 // a: [B, m, k], b: [B, k, n], both contiguous, same dtype (float32/float64), k >= 1.
 // Returns (values [B, m, n], argmax [B, m, n] int64 or an empty tensor, saw_nonfinite_input).
+// b may have any strides (a transposed or expanded weight is read in place); absb: use |b|.
 std::tuple<torch::Tensor, torch::Tensor, bool> max_times_cpu(torch::Tensor a, torch::Tensor b,
-                                                             bool argmax) {
+                                                             bool argmax, bool absb) {
   TORCH_CHECK(a.dim() == 3 && b.dim() == 3, "max_times_cpu: expected 3-D inputs");
-  TORCH_CHECK(a.is_contiguous() && b.is_contiguous(), "max_times_cpu: expected contiguous inputs");
+  TORCH_CHECK(a.is_contiguous(), "max_times_cpu: expected a contiguous a");
   TORCH_CHECK(a.scalar_type() == b.scalar_type(), "max_times_cpu: dtype mismatch");
   const int64_t nb = a.size(0), m = a.size(1), k = a.size(2), n = b.size(2);
   TORCH_CHECK(b.size(0) == nb && b.size(1) == k, "max_times_cpu: shape mismatch");
@@ -378,23 +569,65 @@ std::tuple<torch::Tensor, torch::Tensor, bool> max_times_cpu(torch::Tensor a, to
     const float* A = a.data_ptr<float>();
     const float* B = b.data_ptr<float>();
     float* C = c.data_ptr<float>();
-    bad = argmax ? run_all<float, true>(A, B, C, ip, nb, m, k, n)
-                 : run_all<float, false>(A, B, C, ip, nb, m, k, n);
+    const int64_t sb = b.stride(0), sk = b.stride(1), sn = b.stride(2);
+    if (absb)
+      bad = argmax ? run_all<float, true, true>(A, B, C, ip, nb, m, k, n, sb, sk, sn)
+                   : run_all<float, false, true>(A, B, C, ip, nb, m, k, n, sb, sk, sn);
+    else
+      bad = argmax ? run_all<float, true, false>(A, B, C, ip, nb, m, k, n, sb, sk, sn)
+                   : run_all<float, false, false>(A, B, C, ip, nb, m, k, n, sb, sk, sn);
   } else if (a.scalar_type() == torch::kFloat64) {
     const double* A = a.data_ptr<double>();
     const double* B = b.data_ptr<double>();
     double* C = c.data_ptr<double>();
-    bad = argmax ? run_all<double, true>(A, B, C, ip, nb, m, k, n)
-                 : run_all<double, false>(A, B, C, ip, nb, m, k, n);
+    const int64_t sb = b.stride(0), sk = b.stride(1), sn = b.stride(2);
+    if (absb)
+      bad = argmax ? run_all<double, true, true>(A, B, C, ip, nb, m, k, n, sb, sk, sn)
+                   : run_all<double, false, true>(A, B, C, ip, nb, m, k, n, sb, sk, sn);
+    else
+      bad = argmax ? run_all<double, true, false>(A, B, C, ip, nb, m, k, n, sb, sk, sn)
+                   : run_all<double, false, false>(A, B, C, ip, nb, m, k, n, sb, sk, sn);
   } else {
     TORCH_CHECK(false, "max_times_cpu: only float32 and float64 are supported");
   }
   return std::make_tuple(c, idx, bad);
 }
 
+// h, l: [B, m, k] contiguous, b: [B, k, n] any strides, same dtype, k >= 1.
+// Returns (max_p max(h b, l b) [B, m, n], min_p min(h b, l b) [B, m, n], saw_nonfinite_input).
+std::tuple<torch::Tensor, torch::Tensor, bool> max_min_pair_cpu(torch::Tensor h, torch::Tensor l,
+                                                                torch::Tensor b) {
+  TORCH_CHECK(h.dim() == 3 && l.dim() == 3 && b.dim() == 3, "max_min_pair_cpu: expected 3-D inputs");
+  TORCH_CHECK(h.is_contiguous() && l.is_contiguous(), "max_min_pair_cpu: expected contiguous h, l");
+  TORCH_CHECK(h.scalar_type() == b.scalar_type() && l.scalar_type() == b.scalar_type(),
+              "max_min_pair_cpu: dtype mismatch");
+  TORCH_CHECK(h.sizes() == l.sizes(), "max_min_pair_cpu: h and l differ in shape");
+  const int64_t nb = h.size(0), m = h.size(1), k = h.size(2), n = b.size(2);
+  TORCH_CHECK(b.size(0) == nb && b.size(1) == k, "max_min_pair_cpu: shape mismatch");
+  TORCH_CHECK(k >= 1, "max_min_pair_cpu: k must be >= 1");
+  auto hi = torch::empty({nb, m, n}, h.options());
+  auto lo = torch::empty({nb, m, n}, h.options());
+  if (nb == 0 || m == 0 || n == 0) return std::make_tuple(hi, lo, false);
+  const int64_t sb = b.stride(0), sk = b.stride(1), sn = b.stride(2);
+  bool bad = false;
+  if (h.scalar_type() == torch::kFloat32) {
+    bad = run_all_pair<float>(h.data_ptr<float>(), l.data_ptr<float>(), b.data_ptr<float>(),
+                              hi.data_ptr<float>(), lo.data_ptr<float>(), nb, m, k, n, sb, sk, sn);
+  } else if (h.scalar_type() == torch::kFloat64) {
+    bad = run_all_pair<double>(h.data_ptr<double>(), l.data_ptr<double>(), b.data_ptr<double>(),
+                               hi.data_ptr<double>(), lo.data_ptr<double>(), nb, m, k, n, sb, sk, sn);
+  } else {
+    TORCH_CHECK(false, "max_min_pair_cpu: only float32 and float64 are supported");
+  }
+  return std::make_tuple(hi, lo, bad);
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
-  mod.def("max_times_cpu", &max_times_cpu, "max-times product of [B,m,k] x [B,k,n]",
-          pybind11::arg("a"), pybind11::arg("b"), pybind11::arg("argmax"),
+  mod.def("max_times_cpu", &max_times_cpu, "max-times product of [B,m,k] x [B,k,n] (b any strides, |b| if absb)",
+          pybind11::arg("a"), pybind11::arg("b"), pybind11::arg("argmax"), pybind11::arg("absb") = false,
+          pybind11::call_guard<pybind11::gil_scoped_release>());
+  mod.def("max_min_pair_cpu", &max_min_pair_cpu, "signed max/min-times of the pair (h, l) with b",
+          pybind11::arg("h"), pybind11::arg("l"), pybind11::arg("b"),
           pybind11::call_guard<pybind11::gil_scoped_release>());
 }
 """
@@ -638,10 +871,11 @@ def _nan_fixup(a: Tensor, b: Tensor, out: Tensor) -> None:
     out.masked_fill_(mask, float("nan"))
 
 
-def _cpp_backend(ext, a: Tensor, b: Tensor, argmax: bool) -> tuple[Tensor, Tensor | None]:
-    out, idx, nonfinite = ext.max_times_cpu(a, b, argmax)
+def _cpp_backend(ext, a: Tensor, b: Tensor, argmax: bool, absb: bool = False) -> tuple[Tensor, Tensor | None]:
+    """``a`` contiguous, ``b`` any strides (read in place); ``absb``: the product with ``|b|``."""
+    out, idx, nonfinite = ext.max_times_cpu(a, b, argmax, absb)
     if nonfinite:
-        _nan_fixup(a, b, out)
+        _nan_fixup(a, b, out)  # |b| has the NaN / inf / zero pattern of b
     return out, (idx if argmax else None)
 
 
@@ -715,7 +949,7 @@ def _max_times_impl(a: Tensor, b: Tensor, argmax: bool, fname: str, backend: str
         if negate:  # min_k a*b == -max_k (-a)*b, exactly (negation is exact)
             a = -a
         a3 = a.reshape(-1, m, k).contiguous()
-        b3 = b.reshape(-1, k, n).contiguous()
+        b3 = b.reshape(-1, k, n)  # the C++ kernel reads b with its strides (transposed / expanded: no copy)
         if backend is None:
             ext = _use_cpp(a3)
         elif backend == "cpp":
@@ -727,7 +961,7 @@ def _max_times_impl(a: Tensor, b: Tensor, argmax: bool, fname: str, backend: str
         if ext is not None:
             out, idx = _cpp_backend(ext, a3, b3, argmax)
         else:
-            out, idx = _torch_backend(a3, b3, argmax)
+            out, idx = _torch_backend(a3, b3.contiguous(), argmax)
         out = out.reshape(*batch, m, n)
         if negate:
             out = out.neg_()
@@ -769,3 +1003,58 @@ def min_times(a: Tensor, b: Tensor, *, argmax: bool = False, _backend: str | Non
     ``+inf`` and index ``-1``.
     """
     return _max_times_impl(a, b, argmax, "min_times", _backend, negate=True)
+
+
+def _fused_ext(a: Tensor, *others: Tensor):
+    """The C++ module when every input is a CPU float32/float64 tensor of one dtype with k >= 1, else None."""
+    if a.device.type != "cpu" or a.dtype not in _EXT_DTYPES or _env_no_ext() or not 0 < a.shape[-1] < 2**31:
+        return None
+    if any(o.device != a.device or o.dtype != a.dtype for o in others):
+        return None
+    return _load_ext(stacklevel=4)
+
+
+def max_times_abs(a: Tensor, b: Tensor, *, argmax: bool = False):
+    """``max_k a[..., i, k] |b[..., k, j]|``: :func:`max_times` of ``a`` and ``b.abs()`` (same values, same indices,
+    same tie and NaN rules), with ``|b|`` taken while the C++ kernel packs ``b`` (read with its strides), so ``|b|``
+    is never materialised; other devices / dtypes: ``max_times(a, b.abs())``."""
+    ext = _fused_ext(a, b) if isinstance(a, Tensor) and isinstance(b, Tensor) and a.dim() >= 2 else None
+    if ext is None or a.shape[:-2] != b.shape[:-2] or b.dim() < 2 or a.shape[-1] != b.shape[-2]:
+        return max_times(a, b.abs(), argmax=argmax)
+    batch, (m, k), n = a.shape[:-2], a.shape[-2:], b.shape[-1]
+    if a.numel() == 0 or b.numel() == 0:
+        return max_times(a, b.abs(), argmax=argmax)
+    with torch.no_grad():
+        out, idx = _cpp_backend(ext, a.reshape(-1, m, k).contiguous(), b.reshape(-1, k, n), argmax, absb=True)
+    out = out.reshape(*batch, m, n)
+    return (out, idx.reshape(*batch, m, n)) if argmax else out
+
+
+def max_min_pair(h: Tensor, l: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    """The signed pull of a pair through one product, values only:
+
+        hi[..., i, j] = max_k max(h[..., i, k] b[..., k, j], l[..., i, k] b[..., k, j])
+        lo[..., i, j] = min_k min(h[..., i, k] b[..., k, j], l[..., i, k] b[..., k, j])
+
+    i.e. ``max(max_times(h, b), max_times(l, b))`` and ``min(min_times(h, b), min_times(l, b))`` (exactly: a max of
+    the same rounded products). The C++ kernel forms both products once per pair and keeps the max and the min in
+    one pass over ``b``; an input with NaN / inf, other devices and dtypes take the four-product form."""
+    ext = _fused_ext(h, l, b) if h.dim() >= 2 and h.shape == l.shape else None
+    if ext is not None and h.shape[:-2] == b.shape[:-2] and b.dim() >= 2 and h.shape[-1] == b.shape[-2] \
+            and h.numel() and b.numel():
+        batch, (m, k), n = h.shape[:-2], h.shape[-2:], b.shape[-1]
+        with torch.no_grad():
+            hi, lo, bad = ext.max_min_pair_cpu(h.reshape(-1, m, k).contiguous(), l.reshape(-1, m, k).contiguous(),
+                                               b.reshape(-1, k, n))
+        if not bad:
+            return hi.reshape(*batch, m, n), lo.reshape(*batch, m, n)
+    both = torch.cat([h, l], -2)
+    mx, mn = max_times(both, b), min_times(both, b)
+    r = h.shape[-2]
+    return torch.maximum(mx[..., :r, :], mx[..., r:, :]), torch.minimum(mn[..., :r, :], mn[..., r:, :])
+
+
+def fuses(a: Tensor, b: Tensor) -> bool:
+    """Whether :func:`max_times_abs` / :func:`max_min_pair` run fused (C++ kernel) for these inputs; otherwise they
+    materialise ``|b|`` or take the four-product form, and a caller bounding memory may prefer its own blocks."""
+    return _fused_ext(a, b) is not None

@@ -212,8 +212,9 @@ template <typename T> struct MaxWork {
 // One row of core_pull_max: vals[j] = max_i p_i |c_ij|, idx[j] = the smallest i attaining it.
 // Output j receives its candidates in increasing i: i < j from the outer loop (vector updates of
 // vals[j], a strict > keeps the earlier i), then i = j (diagonal), then i > j (lane-wise running
-// maxima over the inner loop, reduced with ties going to the smaller index).
-template <typename T>
+// maxima over the inner loop, reduced with ties going to the smaller index). ARG = false: values only (the same
+// compares and values, no index work; oi untouched).
+template <typename T, bool ARG>
 static void row_max(const T* x, const T* p, int64_t n, T* ov, int64_t* oi, MaxWork<T>& wk) {
   constexpr int W = RC_VBYTES / sizeof(T);
   typedef typename Vec<T, W>::V V;
@@ -223,7 +224,7 @@ static void row_max(const T* x, const T* p, int64_t n, T* ov, int64_t* oi, MaxWo
   for (int64_t i = 0; i < n && !live; ++i) live = p[i] != T(0);
   if (!live) {
     std::fill(ov, ov + n, T(0));
-    std::fill(oi, oi + n, int64_t(0));
+    if (ARG) std::fill(oi, oi + n, int64_t(0));
     return;
   }
   const size_t np = static_cast<size_t>(n + W);
@@ -253,11 +254,11 @@ static void row_max(const T* x, const T* p, int64_t n, T* ov, int64_t* oi, MaxWo
       const V vj = vload<V>(vs + j);
       const IV m1 = c1 > vj;
       vstore(vs + j, m1 ? c1 : vj);
-      vstore(is + j, m1 ? iv : vload<IV>(is + j));
+      if (ARG) vstore(is + j, m1 ? iv : vload<IV>(is + j));
       const V c2 = a * vload<V>(ps + j);  // candidates j..j+W for the output i
       const IV m2 = c2 > bv;
       bv = m2 ? c2 : bv;
-      bi = m2 ? lane + I(j) : bi;
+      if (ARG) bi = m2 ? lane + I(j) : bi;
     }
     T best = vs[i];
     I bidx = is[i];
@@ -282,7 +283,7 @@ static void row_max(const T* x, const T* p, int64_t n, T* ov, int64_t* oi, MaxWo
   }
   for (int64_t j = 0; j < n; ++j) {
     ov[j] = vs[j];
-    oi[j] = static_cast<int64_t>(is[j]);
+    if (ARG) oi[j] = static_cast<int64_t>(is[j]);
   }
 }
 
@@ -361,23 +362,30 @@ std::tuple<torch::Tensor, torch::Tensor> core_pull_sum_cpu(torch::Tensor xh, tor
   return std::make_tuple(z, u);
 }
 
-std::tuple<torch::Tensor, torch::Tensor> core_pull_max_cpu(torch::Tensor xh, torch::Tensor p) {
+// argmax = false: values only (the index tensor comes back empty).
+std::tuple<torch::Tensor, torch::Tensor> core_pull_max_cpu(torch::Tensor xh, torch::Tensor p, bool argmax) {
   TORCH_CHECK(xh.dim() == 2, "core_pull_max_cpu: expected 2-D inputs");
   TORCH_CHECK(xh.size(1) < (int64_t(1) << 31), "core_pull_max_cpu: rows too long");
   check_2d(xh, xh, "xh");
   check_2d(p, xh, "p");
   auto v = torch::empty_like(xh);
-  auto idx = torch::empty(xh.sizes(), xh.options().dtype(torch::kInt64));
+  auto idx = argmax ? torch::empty(xh.sizes(), xh.options().dtype(torch::kInt64))
+                    : torch::empty({0}, xh.options().dtype(torch::kInt64));
   const int64_t R = xh.size(0), n = xh.size(1);
   if (xh.numel() == 0) return std::make_tuple(v, idx);
-  int64_t* I = idx.data_ptr<int64_t>();
+  int64_t* I = argmax ? idx.data_ptr<int64_t>() : nullptr;
   AT_DISPATCH_FLOATING_TYPES(xh.scalar_type(), "core_pull_max_cpu", [&] {
     const scalar_t* X = xh.data_ptr<scalar_t>();
     const scalar_t* P = p.data_ptr<scalar_t>();
     scalar_t* Vp = v.data_ptr<scalar_t>();
     at::parallel_for(0, R, 1, [&](int64_t beg, int64_t end) {
       MaxWork<scalar_t> wk;
-      for (int64_t r = beg; r < end; ++r) row_max<scalar_t>(X + r * n, P + r * n, n, Vp + r * n, I + r * n, wk);
+      for (int64_t r = beg; r < end; ++r) {
+        if (argmax)
+          row_max<scalar_t, true>(X + r * n, P + r * n, n, Vp + r * n, I + r * n, wk);
+        else
+          row_max<scalar_t, false>(X + r * n, P + r * n, n, Vp + r * n, nullptr, wk);
+      }
     });
   });
   return std::make_tuple(v, idx);
@@ -397,7 +405,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
           pybind11::arg("xh"), pybind11::arg("p"), pybind11::arg("q"), pybind11::arg("pb"),
           pybind11::arg("has_q"), pybind11::arg("has_pb"), pybind11::call_guard<pybind11::gil_scoped_release>());
   mod.def("core_pull_max_cpu", &core_pull_max_cpu, "max_i p_i |C_ij| and the smallest argmax per row",
-          pybind11::arg("xh"), pybind11::arg("p"), pybind11::call_guard<pybind11::gil_scoped_release>());
+          pybind11::arg("xh"), pybind11::arg("p"), pybind11::arg("argmax") = true,
+          pybind11::call_guard<pybind11::gil_scoped_release>());
   mod.def("fast_log_cpu", &fast_log_cpu, "the kernel's vector log (test hook)", pybind11::arg("x"),
           pybind11::call_guard<pybind11::gil_scoped_release>());
 }
@@ -580,18 +589,21 @@ def core_pull_sum(
     return z.reshape(shape), (None if u is None else u.reshape(shape))
 
 
-def core_pull_max(xh: Tensor, p: Tensor, *, _backend: str | None = None) -> tuple[Tensor, Tensor]:
+def core_pull_max(xh: Tensor, p: Tensor, *, index: bool = True, _backend: str | None = None):
     """Per-row max pull through ``A = |C|``: ``vals[r, j] = max_i p[r, i] A_ij`` (``p >= 0``).
 
     Returns ``(vals, argi)``, both ``[*rows, n]``; ``argi`` (int64) is the SMALLEST ``i``
     attaining the max (a row of zeros gives ``vals = 0``, ``argi = 0``). Same argument rules as
-    :func:`core_pull_sum`.
+    :func:`core_pull_sum`. ``index=False``: ``argi`` may be None (the C++ walk then skips the index work; the values
+    are the same).
     """
     x2, p2 = _check("core_pull_max", xh, p=p)
     with torch.no_grad():
         ext = _select("core_pull_max", x2, _backend)
         if ext is not None:
-            v, i = ext.core_pull_max_cpu(x2, p2)
+            v, i = ext.core_pull_max_cpu(x2, p2, index)
+            if not index:
+                return v.reshape(xh.shape), None
         else:
             v, i = _torch_max(x2, p2)
     return v.reshape(xh.shape), i.reshape(xh.shape)

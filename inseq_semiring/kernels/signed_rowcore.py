@@ -57,7 +57,8 @@ template <typename T> struct SignedWork {
 };
 
 // One row. NaN offers never win (every compare is strict and false on NaN); the padding lanes are NaN offers.
-template <typename T>
+// ARG = false: values only (the same compares and values; no index work, oih / oil untouched).
+template <typename T, bool ARG>
 static void row_signed(const T* x, const T* pmax, const T* pmin, int64_t n, T* ovh, int64_t* oih, T* ovl,
                        int64_t* oil, SignedWork<T>& wk) {
   constexpr int W = RC_VBYTES / sizeof(T);
@@ -71,7 +72,7 @@ static void row_signed(const T* x, const T* pmax, const T* pmin, int64_t n, T* o
     for (int64_t j = 0; j < n; ++j) {
       ovh[j] = -inf;
       ovl[j] = inf;
-      oih[j] = oil[j] = j;
+      if (ARG) oih[j] = oil[j] = j;
     }
     return;
   }
@@ -98,30 +99,36 @@ static void row_signed(const T* x, const T* pmax, const T* pmin, int64_t n, T* o
   for (int l = 0; l < W; ++l) lane[l] = I(l);
   for (int64_t i = 0; i < n; ++i) {
     const T xi = xs[i], hi_i = px[i], lo_i = pn[i];
+    const V vhi = V{} + hi_i, vlo = V{} + lo_i;
     const IV iv = IV{} + I(i);
     V bh = V{} - inf, bl = V{} + inf;
     IV bhi = IV{} + I(0), bli = IV{} + I(0);
     for (int64_t j = i + 1; j < n; j += W) {
       const V c = (vload<V>(xs + j) * xi + T(1)) * minus_invn;  // C_ij = C_ji
       const IV pos = c >= V{};
-      // output i's offers to the inputs j..j+W
-      const V ch = pos ? c * hi_i : c * lo_i;
-      const V cl = pos ? c * lo_i : c * hi_i;
+      // output i's offers to the inputs j..j+W (the factor is chosen before the product: the same rounded product
+      // as choosing between the two products, half the multiplications)
+      const V ch = c * (pos ? vhi : vlo);
+      const V cl = c * (pos ? vlo : vhi);
       const V vj = vload<V>(vh + j), wj = vload<V>(vl + j);
       const IV mh = ch > vj, ml = cl < wj;
       vstore(vh + j, mh ? ch : vj);
-      vstore(ih + j, mh ? iv : vload<IV>(ih + j));
       vstore(vl + j, ml ? cl : wj);
-      vstore(il + j, ml ? iv : vload<IV>(il + j));
+      if (ARG) {
+        vstore(ih + j, mh ? iv : vload<IV>(ih + j));
+        vstore(il + j, ml ? iv : vload<IV>(il + j));
+      }
       // the outputs j..j+W's offers to the input i
       const V qx = vload<V>(px + j), qn = vload<V>(pn + j);
-      const V dh = pos ? c * qx : c * qn;
-      const V dl = pos ? c * qn : c * qx;
+      const V dh = c * (pos ? qx : qn);
+      const V dl = c * (pos ? qn : qx);
       const IV nh = dh > bh, nl = dl < bl;
       bh = nh ? dh : bh;
-      bhi = nh ? lane + I(j) : bhi;
       bl = nl ? dl : bl;
-      bli = nl ? lane + I(j) : bli;
+      if (ARG) {
+        bhi = nh ? lane + I(j) : bhi;
+        bli = nl ? lane + I(j) : bli;
+      }
     }
     const T cd = static_cast<T>((double(n - 1) - double(xi) * double(xi)) / double(n));
     const T dh = cd >= T(0) ? cd * hi_i : cd * lo_i;
@@ -164,8 +171,10 @@ static void row_signed(const T* x, const T* pmax, const T* pmin, int64_t n, T* o
   for (int64_t j = 0; j < n; ++j) {
     ovh[j] = vh[j];
     ovl[j] = vl[j];
-    oih[j] = static_cast<int64_t>(ih[j]);
-    oil[j] = static_cast<int64_t>(il[j]);
+    if (ARG) {
+      oih[j] = static_cast<int64_t>(ih[j]);
+      oil[j] = static_cast<int64_t>(il[j]);
+    }
   }
 }
 
@@ -233,7 +242,9 @@ static void row_rank1(const T* d, const T* u, const T* v, const T* h, const T* l
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
-std::vector<torch::Tensor> signed_core_pull_cpu(torch::Tensor xh, torch::Tensor pmax, torch::Tensor pmin) {
+// argmax = false: values only (the index tensors come back empty).
+std::vector<torch::Tensor> signed_core_pull_cpu(torch::Tensor xh, torch::Tensor pmax, torch::Tensor pmin,
+                                                bool argmax) {
   TORCH_CHECK(xh.dim() == 2 && xh.is_contiguous() && xh.device().is_cpu(), "signed_core_pull_cpu: 2-D CPU xh");
   TORCH_CHECK(pmax.sizes() == xh.sizes() && pmin.sizes() == xh.sizes(), "signed_core_pull_cpu: shapes differ");
   TORCH_CHECK(pmax.is_contiguous() && pmin.is_contiguous(), "signed_core_pull_cpu: contiguous inputs");
@@ -241,11 +252,13 @@ std::vector<torch::Tensor> signed_core_pull_cpu(torch::Tensor xh, torch::Tensor 
               "signed_core_pull_cpu: one dtype");
   TORCH_CHECK(xh.size(1) < (int64_t(1) << 31), "signed_core_pull_cpu: rows too long");
   auto vh = torch::empty_like(xh), vl = torch::empty_like(xh);
-  auto ih = torch::empty(xh.sizes(), xh.options().dtype(torch::kInt64)), il = torch::empty_like(ih);
+  auto ih = argmax ? torch::empty(xh.sizes(), xh.options().dtype(torch::kInt64))
+                   : torch::empty({0}, xh.options().dtype(torch::kInt64));
+  auto il = torch::empty_like(ih);
   const int64_t R = xh.size(0), n = xh.size(1);
   if (xh.numel() == 0) return {vh, ih, vl, il};
-  int64_t* IH = ih.data_ptr<int64_t>();
-  int64_t* IL = il.data_ptr<int64_t>();
+  int64_t* IH = argmax ? ih.data_ptr<int64_t>() : nullptr;
+  int64_t* IL = argmax ? il.data_ptr<int64_t>() : nullptr;
   AT_DISPATCH_FLOATING_TYPES(xh.scalar_type(), "signed_core_pull_cpu", [&] {
     const scalar_t* X = xh.data_ptr<scalar_t>();
     const scalar_t* PX = pmax.data_ptr<scalar_t>();
@@ -254,9 +267,14 @@ std::vector<torch::Tensor> signed_core_pull_cpu(torch::Tensor xh, torch::Tensor 
     scalar_t* VL = vl.data_ptr<scalar_t>();
     at::parallel_for(0, R, 1, [&](int64_t beg, int64_t end) {
       SignedWork<scalar_t> wk;
-      for (int64_t r = beg; r < end; ++r)
-        row_signed<scalar_t>(X + r * n, PX + r * n, PN + r * n, n, VH + r * n, IH + r * n, VL + r * n, IL + r * n,
-                             wk);
+      for (int64_t r = beg; r < end; ++r) {
+        if (argmax)
+          row_signed<scalar_t, true>(X + r * n, PX + r * n, PN + r * n, n, VH + r * n, IH + r * n, VL + r * n,
+                                     IL + r * n, wk);
+        else
+          row_signed<scalar_t, false>(X + r * n, PX + r * n, PN + r * n, n, VH + r * n, nullptr, VL + r * n,
+                                      nullptr, wk);
+      }
     });
   });
   return {vh, ih, vl, il};
@@ -295,7 +313,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
           pybind11::arg("d"), pybind11::arg("u"), pybind11::arg("v"), pybind11::arg("h"), pybind11::arg("l"),
           pybind11::call_guard<pybind11::gil_scoped_release>());
   mod.def("signed_core_pull_cpu", &signed_core_pull_cpu, "signed max/min pulls through the layer-norm core",
-          pybind11::arg("xh"), pybind11::arg("pmax"), pybind11::arg("pmin"),
+          pybind11::arg("xh"), pybind11::arg("pmax"), pybind11::arg("pmin"), pybind11::arg("argmax") = true,
           pybind11::call_guard<pybind11::gil_scoped_release>());
 }
 """
@@ -375,8 +393,9 @@ def signed_rank1_pull(d: Tensor, u: Tensor, v: Tensor, hi: Tensor, lo: Tensor):
     return tuple(t.reshape(hi.shape) for t in out)
 
 
-def signed_core_pull(xh: Tensor, pmax: Tensor, pmin: Tensor, *, _backend: str | None = None):
-    """``(hi, arg_hi, lo, arg_lo)``, each ``[*rows, n]`` (see the module docstring); ``_backend``: ``None`` (automatic),
+def signed_core_pull(xh: Tensor, pmax: Tensor, pmin: Tensor, *, index: bool = True, _backend: str | None = None):
+    """``(hi, arg_hi, lo, arg_lo)``, each ``[*rows, n]`` (see the module docstring); ``index=False``: the C++ walk
+    skips the index work and both args are None (the values are the same); ``_backend``: ``None`` (automatic),
     ``"cpp"`` or ``"torch"`` (tests and benchmarks)."""
     shape = xh.shape
     n = shape[-1]
@@ -384,5 +403,7 @@ def signed_core_pull(xh: Tensor, pmax: Tensor, pmin: Tensor, *, _backend: str | 
     x2, px, pn = (t.detach().to(dtype).reshape(-1, n).contiguous() for t in (xh, pmax, pmin))
     ext = _extension(x2.device, dtype, _backend, "signed_core_pull")
     with torch.no_grad():
-        out = ext.signed_core_pull_cpu(x2, px, pn) if ext is not None else _torch_pull(x2, px, pn)
+        out = ext.signed_core_pull_cpu(x2, px, pn, index) if ext is not None else _torch_pull(x2, px, pn)
+    if not index:
+        return out[0].reshape(shape), None, out[2].reshape(shape), None
     return tuple(t.reshape(shape) for t in out)

@@ -303,7 +303,7 @@ def max_pull(kind, a: Tensor, index: bool = True) -> tuple[Tensor, Tensor | None
             return _rank1_max(kind, a)
         return _rowdense_max(kind, a)
     if isinstance(kind, LayerNormRow):
-        return _layernorm_max(kind, a)
+        return _layernorm_max(kind, a, index)
     raise TypeError(f"unknown Jacobian kind {type(kind).__name__}")
 
 
@@ -329,12 +329,15 @@ def _rank1_max(kind: RowDense, a: Tensor) -> tuple[Tensor, Tensor]:
     return best, rows * n + arg
 
 
-def _layernorm_max(kind: LayerNormRow, a: Tensor) -> tuple[Tensor, Tensor]:
-    """``max_i a_i |gain_i| |C_ij|`` (:func:`~inseq_semiring.kernels.rowcore.core_pull_max`)."""
+def _layernorm_max(kind: LayerNormRow, a: Tensor, index: bool = True) -> tuple[Tensor, Tensor | None]:
+    """``max_i a_i |gain_i| |C_ij|`` (:func:`~inseq_semiring.kernels.rowcore.core_pull_max`; no index work unless
+    ``index``)."""
     if kind.entry_map is not abs_weight:
         return _rowdense_max(kind, a)
     n = kind.xh.shape[-1]
-    vals, pos = core_pull_max(kind.xh, a * kind.gain.abs())
+    vals, pos = core_pull_max(kind.xh, a * kind.gain.abs(), index=index)
+    if pos is None:
+        return vals, None
     rows = torch.arange(a.numel() // n, device=a.device).reshape(a.shape[:-1]).unsqueeze(-1)
     return vals, rows * n + pos
 
@@ -345,21 +348,26 @@ def _scatter_max(kind: IndexMap, a: Tensor, largest: bool = True, empty: float =
     if kind.identity:
         return a.reshape(kind.in_shape), (torch.arange(a.numel(), device=a.device).reshape(kind.in_shape)
                                           if index else None)
-    out_pos = torch.arange(a.numel(), device=a.device)
     where = kind.index.reshape(-1)
     src = a.reshape(-1)
-    if not skips_rows(a):
-        return _scatter_max_dense(kind, src, where, out_pos, n_in, largest, empty, index)
-    valid = where >= 0
-    if not bool(valid.all()):
-        where, src, out_pos = where[valid], src[valid], out_pos[valid]
+    if not skips_rows(a):  # off the CPU: no host read of the index (same maxima and winners)
+        return _scatter_max_dense(kind, src, where, torch.arange(a.numel(), device=a.device), n_in, largest, empty,
+                                  index)
+    out_pos = None  # the flat output positions of ``where`` (arange unless invalid entries were dropped)
+    if not kind.all_valid:  # the structural rule says when no entry is -1 (then no check, no sync)
+        valid = where >= 0
+        if not bool(valid.all()):
+            out_pos = torch.arange(a.numel(), device=a.device)[valid]
+            where, src = where[valid], src[valid]
     best = a.new_full((n_in,), empty)
     if kind.injective:  # one candidate per input element at most: a scatter, no max
-        best[where] = src
+        best.scatter_(0, where, src)
     else:
         best.scatter_reduce_(0, where, src, reduce="amax" if largest else "amin", include_self=False)
     if not index:
         return best.reshape(kind.in_shape), None
+    if out_pos is None:
+        out_pos = torch.arange(a.numel(), device=a.device)
     arg = torch.full((n_in,), -1, dtype=torch.long, device=a.device)
     if kind.injective:
         arg[where] = out_pos

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from ..errors import InvalidInputError
-from ..kernels.maxtimes import max_times
+from ..kernels.maxtimes import max_min_pair, max_times
 from ..rules.jacobians import IndexMap, LayerNormRow, MatMul, Pointwise, Reduction, RowDense
 from .base import Semiring, _dense_chunks, _first_extreme, _scatter_max, amax_to_shape, linear_pull, max_pull
 from .base import abs_weight
@@ -243,7 +243,7 @@ def _signed_pull(kind, hi: Tensor, lo: Tensor, index: bool = True):
             return _signed_matmul_rows(kind, hi, lo, index)
         return _signed_matmul(kind, hi, lo, index)
     if isinstance(kind, (RowDense, LayerNormRow)):
-        return _signed_rowdense(kind, hi, lo)
+        return _signed_rowdense(kind, hi, lo, index)
     raise TypeError(f"unknown Jacobian kind {type(kind).__name__}")
 
 
@@ -288,11 +288,15 @@ def _rows_core(rh: Tensor, rl: Tensor, rr: Tensor | None, w: Tensor, index: bool
     None when all are reachable) through ``w`` [n, k]: ``(hi, arg, lo, arg)`` [R, k] (args None unless ``index``).
     ``partial``: the rows that count as partly reachable (the smallest index wins an M+/M- tie there)."""
     zh, zl = (rh, rl) if rr is None else (rh.masked_fill(~rr, 0), rl.masked_fill(~rr, 0))
-    mx, mn = _extremes(lambda x, i: max_times(x, w, argmax=i), zh, zl, 0, index)
-    hi_v, hi_a, lo_v, lo_a = _merge(mx, mn, index)
+    if index:
+        mx, mn = _extremes(lambda x, i: max_times(x, w, argmax=i), zh, zl, 0, index)
+        hi_v, hi_a, lo_v, lo_a = _merge(mx, mn, index)
+    else:  # values only: one fused pass (the same max / min of the same products)
+        (hi_v, lo_v), hi_a, lo_a = max_min_pair(zh, zl, w), None, None
     if partial is not None and bool(partial.any()):  # see _signed_matmul
         slices = partial.unsqueeze(-1)
-        hi_a, lo_a = _partial_ties(slices, mx, mn, hi_a, lo_a)
+        if index:
+            hi_a, lo_a = _partial_ties(slices, mx, mn, hi_a, lo_a)
         h3, l3, w3 = rh.unsqueeze(0), rl.unsqueeze(0), w.unsqueeze(0)
         for redo, largest, vals, args in ((slices & (hi_v == 0), True, hi_v, hi_a),
                                           (slices & (lo_v == 0), False, lo_v, lo_a)):
@@ -401,11 +405,20 @@ def _signed_matmul(kind: MatMul, hi: Tensor, lo: Tensor, index: bool = True):
     a_l = l.reshape(-1, m, n)
     bsz = a_h.shape[0]
     w3 = w.reshape(-1, *w.shape[-2:]).expand(bsz, -1, -1) if w.dim() > 2 else w.expand(bsz, -1, -1)
-    if kind.left:  # out [B, m, k] over c (dim -1 of a); stacked along m
+    if not index:  # values only: one fused pass (a right factor as the transposed left product)
+        mx = mn = None
+        if kind.left:
+            hi_v, lo_v = max_min_pair(a_h, a_l, w3)
+        else:
+            hi_t, lo_t = max_min_pair(a_h.transpose(1, 2), a_l.transpose(1, 2), w3.transpose(1, 2))
+            hi_v, lo_v = hi_t.transpose(1, 2), lo_t.transpose(1, 2)
+        hi_a = lo_a = None
+    elif kind.left:  # out [B, m, k] over c (dim -1 of a); stacked along m
         mx, mn = _extremes(lambda x, i: max_times(x, w3, argmax=i), a_h, a_l, 1, index)
     else:  # out [B, k, n] over r (dim -2 of a); stacked along n
         mx, mn = _extremes(lambda x, i: max_times(w3, x, argmax=i), a_h, a_l, 2, index)
-    hi_v, hi_a, lo_v, lo_a = _merge(mx, mn, index)
+    if index:
+        hi_v, hi_a, lo_v, lo_a = _merge(mx, mn, index)
     if not all_reach:
         r3 = reach.reshape(-1, m, n)
         # slices (rows of a for left, columns for right): all absent -> absent; partly absent -> fixed exactly
@@ -418,7 +431,8 @@ def _signed_matmul(kind: MatMul, hi: Tensor, lo: Tensor, index: bool = True):
         partial = ~full & ~none
         if bool(partial.any()):
             slices = partial.unsqueeze(-1) if kind.left else partial.unsqueeze(-2)
-            hi_a, lo_a = _partial_ties(slices, mx, mn, hi_a, lo_a)
+            if index:
+                hi_a, lo_a = _partial_ties(slices, mx, mn, hi_a, lo_a)
             # An absent element entered the kernels as the candidate 0, so there M+' >= 0 >= M-', and the masked
             # result can only differ where M+' = 0 (M-' = 0): those outputs are redone exactly.
             redo_h = slices & (hi_v == 0)
@@ -464,9 +478,10 @@ def _exact_outputs(redo: Tensor, largest: bool, left: bool, h3: Tensor, l3: Tens
 _CHUNK = 1 << 22
 
 
-def _signed_rowdense(kind: RowDense | LayerNormRow, hi: Tensor, lo: Tensor):
-    """Rank-one rows and layer norm without the dense Jacobian (:mod:`.signed_rows`); others densely."""
-    fast = fast_signed_rowdense(kind, hi, lo)
+def _signed_rowdense(kind: RowDense | LayerNormRow, hi: Tensor, lo: Tensor, index: bool = True):
+    """Rank-one rows and layer norm without the dense Jacobian (:mod:`.signed_rows`); others densely. The args
+    may be None when ``index`` is False."""
+    fast = fast_signed_rowdense(kind, hi, lo, index)
     return fast if fast is not None else _signed_rowdense_dense(kind, hi, lo)
 
 

@@ -88,8 +88,9 @@ def signed_rank1(kind: RowDense, hi: Tensor, lo: Tensor, backend: str | None = N
     return out_hi, rows + torch.where(take_hi, pos, arg_hi), out_lo, rows + torch.where(take_lo, pos, arg_lo)
 
 
-def signed_layernorm(kind: LayerNormRow, hi: Tensor, lo: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``(M+', flat argmax, M-', flat argmin)`` through ``J = diag(gain) C`` (one walk over each row's pairs)."""
+def signed_layernorm(kind: LayerNormRow, hi: Tensor, lo: Tensor, index: bool = True):
+    """``(M+', flat argmax, M-', flat argmin)`` through ``J = diag(gain) C`` (one walk over each row's pairs); the
+    args are None when ``index`` is False."""
     n = hi.shape[-1]
     reach = torch.isfinite(hi)
     g = kind.gain
@@ -98,15 +99,17 @@ def signed_layernorm(kind: LayerNormRow, hi: Tensor, lo: Tensor) -> tuple[Tensor
     nan = torch.full_like(ph, float("nan"))  # the kernel's "no candidate"
     p_max = torch.where(reach, torch.maximum(ph, pl), nan)
     p_min = torch.where(reach, torch.minimum(ph, pl), nan)
-    out_hi, arg_hi, out_lo, arg_lo = signed_core_pull(kind.xh, p_max, p_min)
+    out_hi, arg_hi, out_lo, arg_lo = signed_core_pull(kind.xh, p_max, p_min, index=index)
+    if arg_hi is None:
+        return out_hi, None, out_lo, None
     rows = torch.arange(hi.numel() // n, device=hi.device).reshape(hi.shape[:-1]).unsqueeze(-1) * n
     return out_hi, rows + arg_hi, out_lo, rows + arg_lo
 
 
-def fast_signed_rowdense(kind, hi: Tensor, lo: Tensor):
+def fast_signed_rowdense(kind, hi: Tensor, lo: Tensor, index: bool = True):
     """The separable pull for ``kind`` if it has one (weights as they are), else None (the caller goes dense)."""
     if isinstance(kind, RowDense) and kind.entry_map is None and kind.u.shape[0] == 1:
         return signed_rank1(kind, hi, lo)
     if isinstance(kind, LayerNormRow) and kind.entry_map is None:
-        return signed_layernorm(kind, hi, lo)
+        return signed_layernorm(kind, hi, lo, index)
     return None

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..kernels.maxtimes import max_times
+from ..kernels.maxtimes import fuses, max_times, max_times_abs
 from ..kernels.xlogx import abs_and_neg_xlogx
 
 #: Entries of ``W`` mapped at once by the (+, x) products (4 MiB of float32).
@@ -96,7 +96,11 @@ def mapped_mm_pair(a_abs: Tensor | None, a_nlogn: Tensor | None, w: Tensor) -> t
 
 def mapped_max_times(a: Tensor, w: Tensor, f, argmax: bool = True) -> tuple[Tensor, Tensor | None]:
     """``max_c a[r, c] f(w)[c, j]`` and (``argmax``) the winning ``c``; ties: the smallest ``c`` (over row blocks a
-    later block replaces the running winner only when strictly greater, as inside the max-times kernel)."""
+    later block replaces the running winner only when strictly greater, as inside the max-times kernel). ``|w|`` on
+    CPU: the C++ kernel takes ``|w|`` while packing ``w`` (in place, any strides), no block is mapped."""
+    if f is abs_weight and fuses(a, w):
+        out = max_times_abs(a, w, argmax=argmax)
+        return out if argmax else (out, None)
     by, blocks = _plan(w.shape[0], w.shape[1], MAX_BLOCK_ELEMENTS)
     if w.shape[0] == 0 or len(blocks) <= 1:
         out = max_times(a, _contiguous_map(w, f), argmax=argmax)
