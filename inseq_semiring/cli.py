@@ -16,6 +16,9 @@
 ``inseq-semiring attribute-dataset --data ROWS.jsonl --out DIR [--workers N] ...``
     Every row of a dataset, resumable, in-process or on Ray actors (:mod:`inseq_semiring.scale.command`).
 
+``inseq-semiring evaluate --data F.jsonl --methods a,b,c --out DIR [--model M] ...``
+    Faithfulness and ground-truth evaluation of attribution methods (:mod:`inseq_semiring.evaluate`).
+
 ``inseq-semiring inseq {attribute,attribute-dataset,attribute-context} ...`` (or directly
 ``inseq-semiring attribute-context ...``, and ``attribute-dataset --dataset_name ...``)
     Inseq's own commands, unchanged, with the plugin methods available (``-a semiring_maxpath``) and ``-m smollm2``
@@ -437,6 +440,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .scale import command as dataset_command  # `attribute-dataset --data ...`: dataset runs (scale/)
 
     dataset_command.add_parser(sub)
+    from .evaluate import command as evaluate_command  # `evaluate`: faithfulness / ground-truth evaluation
+
+    evaluate_command.add_parser(sub)
     for name in INSEQ_COMMANDS[2:]:
         p = sub.add_parser(name, help=f"Inseq's '{name}' command with the plugin methods available", add_help=False)
         p.add_argument("inseq_args", nargs=argparse.REMAINDER)
@@ -478,6 +484,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_paths(args)
         if args.command == "build-kernels":
             return _cmd_build_kernels(args)
+        if args.command == "evaluate":
+            from .evaluate.command import run as run_evaluate
+
+            return run_evaluate(args)
         if args.command == "attribute-dataset":
             from .scale.command import run as run_dataset
 
