@@ -81,3 +81,64 @@ def test_text_rows(tmp_path, tokenizer):
 def test_unknown_suite(tmp_path):
     with pytest.raises(ValueError, match="unknown suite 'nope'"):
         fs.prepare("nope", tmp_path)
+
+
+# -- smoke runs: --limit 2, a few methods, every output file ------------------------------------------------------
+
+def _check_outputs(top, methods, n, ground_truth):
+    pd = pytest.importorskip("pandas")
+    out = top / "results"
+    for f in ("inputs/data.jsonl", "inputs/items.jsonl", "suite.json"):
+        assert (top / f).is_file(), f
+    for f in ("examples.parquet", "attributions.parquet", "metrics.parquet", "curves.parquet",
+              "summary.csv", "summary.md", "figures/aopc.png", "figures/curves.png"):
+        assert (out / f).is_file(), f
+    assert (out / "figures" / "ground_truth.png").is_file() == ground_truth
+    ex = pd.read_parquet(out / "examples.parquet")
+    assert len(ex) == n
+    metrics = pd.read_parquet(out / "metrics.parquet")
+    assert set(metrics["method"]) == set(methods)
+    summary = pd.read_csv(out / "summary.csv")
+    for m in methods:
+        row = summary[(summary.method == m) & (summary.metric == "aopc_comp")].iloc[0]
+        assert row["n"] == n and row["ci_low"] <= row["mean"] <= row["ci_high"]
+    has_gt = metrics["metric"].isin(["hit@1", "rr"]).any()
+    assert bool(has_gt) == ground_truth
+    rec = json.loads((top / "suite.json").read_text())
+    assert rec["examples"] == n and rec["methods"] == methods and rec["skipped"] == []
+    return metrics
+
+
+def test_ftro_suite_smoke(tmp_path):
+    methods = ["loo", "random", "saliency"]
+    res = fs.run_suite("ftro", tmp_path, limit=4, methods=methods, ftro_options=QUICK_FTRO, progress=False)
+    metrics = _check_outputs(tmp_path, methods, 4, ground_truth=True)
+    loo_tau = metrics[(metrics.method == "loo") & (metrics.metric == "loo_tau")]["value"]
+    assert (loo_tau.dropna() == 1.0).all()
+    # hit@1 only on the positive rows
+    rows = [json.loads(x) for x in (tmp_path / "inputs" / "data.jsonl").read_text().splitlines()]
+    pos = {r["id"] for r in rows if r["label"] == 1}
+    assert set(metrics[metrics.metric == "hit@1"]["id"]) == pos
+    assert res["record"]["model"] == str(tmp_path / "inputs" / "model")
+
+
+@needs_smollm2
+def test_agreement_suite_smoke(tmp_path):
+    methods = ["random", "saliency"]
+    fs.run_suite("agreement", tmp_path, limit=2, methods=methods, progress=False)
+    metrics = _check_outputs(tmp_path, methods, 2, ground_truth=True)
+    attr = pytest.importorskip("pandas").read_parquet(tmp_path / "results" / "attributions.parquet")
+    items = [json.loads(x) for x in (tmp_path / "inputs" / "items.jsonl").read_text().splitlines()]
+    # the token of rank 1 under saliency decides hit@1: recompute it from the attributions and the subject noun
+    for it in items:
+        a = attr[(attr.id == it["id"]) & (attr.method == "saliency") & ~attr.special]
+        top = a.sort_values(["score", "position"], ascending=[False, True]).iloc[0]
+        hit = metrics[(metrics.id == it["id"]) & (metrics.method == "saliency") & (metrics.metric == "hit@1")]
+        assert hit["value"].iloc[0] == float(top["token"] == "Ġ" + it["subject"])
+
+
+@needs_smollm2
+def test_text_suite_smoke(tmp_path):
+    methods = ["loo", "saliency"]
+    fs.main(["--suite", "text", "--out", str(tmp_path), "--limit", "2", "--methods", "loo,saliency"])
+    _check_outputs(tmp_path, methods, 2, ground_truth=False)

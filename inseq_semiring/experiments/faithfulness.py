@@ -1,23 +1,26 @@
 """Built-in faithfulness suites: generate a data set, then evaluate every method on it (issue 14).
 
     python -m inseq_semiring.experiments.faithfulness --suite ftro|agreement|text --out DIR
-        [--limit K] [--methods a,b,c] [--workers N]
+        [--limit K] [--methods a,b,c] [--workers N] [--threads 1]
 
-Each suite writes its data as ``DIR/data.jsonl`` (the format of ``inseq-semiring evaluate``; ``DIR/items.jsonl``
-has the same rows with the generator's extra fields, e.g. an agreement item's cell, subject and attractor) and runs
-:func:`inseq_semiring.evaluate.evaluate` on it into ``DIR`` (``examples.parquet``, ``attributions.parquet``,
-``metrics.parquet``, ``curves.parquet``, ``summary.csv``/``summary.md``, ``figures/``); ``DIR/suite.json`` records the
-suite, the example count, the methods and the timing.
+Each suite writes its inputs into ``DIR/inputs/``: ``data.jsonl`` (the format of ``inseq-semiring evaluate``),
+``items.jsonl`` (the same rows with the generator's extra fields, e.g. an agreement item's cell, subject and
+attractor) and, for ``ftro``, the model folder; then it runs :func:`inseq_semiring.evaluate.evaluate` on them into
+``DIR/results/`` (``examples.parquet``, ``attributions.parquet``, ``metrics.parquet``, ``curves.parquet``,
+``summary.csv``/``summary.md``, ``figures/``; the evaluation's own folder, which it resumes: re-running the command
+redoes nothing that is done). ``DIR/suite.json`` records the suite, the example count, the methods and the timing.
 
 * ``ftro``: the §5.1 FirstTokenRepeatedOnce BERT classifier (1 layer, hidden 16, 2 heads, dropout 0) trained as
   :mod:`inseq_semiring.experiments.ftro` trains it (the paper's 10,000 examples, Adam 1e-3, batch 32, model seed 0,
-  until validation accuracy 1.0), saved as a Hugging Face folder ``DIR/model`` (no tokenizer: rows carry
+  until validation accuracy 1.0), saved as a Hugging Face folder ``DIR/inputs/model`` (no tokenizer: rows carry
   ``input_ids``; reused when it is already there). Examples: the first validation rows. Target: the correct class
   (``label``; at validation accuracy 1.0 it is also the predicted class). Ground truth: in a positive row the first
   token and its repeat (``relevant = [0, r]``). **Negatives carry no ground truth** (no ``relevant`` field): with no
   repeat, whether the label is 0 depends on every token equally (each could have been the repeat), so no token set
   is "the" evidence; hit@1 and rr are therefore means over the positive rows only (random hit@1 = 2 / 10).
-  There are no special tokens (the model pools position 0, which is a data token).
+  There are no special tokens (the model pools position 0, which is a data token) and no BOS token to score an
+  emptied input with, so this suite removes by **replacement** (``removal="replace"``) with the pad id 0, which the
+  data never uses (ids 1..19): the input keeps its length and positions.
 * ``agreement``: the embedded SmolLM2-135M-Instruct on prefixes from :func:`~inseq_semiring.experiments.sva.
   generate_items` with an attractor noun present (the ``pp`` and ``rc`` conditions, the 8 subject x attractor
   number cells taken round-robin). Target: " " + the agreeing verb form; contrast: " " + the other form (score
@@ -152,7 +155,8 @@ def write_jsonl(rows: list[dict], path: Path, fields=None) -> Path:
 # -- suites ------------------------------------------------------------------------------------------------------
 
 def prepare(suite: str, out, limit: int | None = None, ftro_options: dict | None = None) -> dict:
-    """Write ``out/data.jsonl`` for ``suite`` (and, for ``ftro``, the model folder ``out/model``). Returns
+    """Write ``out/data.jsonl`` and ``out/items.jsonl`` for ``suite`` (and, for ``ftro``, the model folder
+    ``out/model``). Returns
     ``{"data": path, "model": model name or folder, "n": rows, ...}``."""
     if suite not in SUITES:
         raise ValueError(f"unknown suite {suite!r}; choose one of {', '.join(SUITES)}")
@@ -172,20 +176,31 @@ def prepare(suite: str, out, limit: int | None = None, ftro_options: dict | None
 
 
 def run_suite(suite: str, out, limit: int | None = None, methods=None, workers: int = 0,
-              ftro_options: dict | None = None, **evaluate_kwargs) -> dict:
-    """Prepare ``suite``'s data and evaluate ``methods`` (default :data:`DEFAULT_METHODS`) on it into ``out``."""
+              ftro_options: dict | None = None, threads: int = 1, **evaluate_kwargs) -> dict:
+    """Prepare ``suite``'s data and evaluate ``methods`` (default :data:`DEFAULT_METHODS`) on it into ``out``, with
+    ``threads`` torch threads (restored afterwards)."""
+    from ._common import torch_threads
+
+    with torch_threads(threads):
+        return _run_suite(suite, out, limit, methods, workers, ftro_options, **evaluate_kwargs)
+
+
+def _run_suite(suite, out, limit, methods, workers, ftro_options, **evaluate_kwargs) -> dict:
     from ..evaluate import evaluate
 
     t0 = time.perf_counter()
-    prep = prepare(suite, out, limit, ftro_options)
+    prep = prepare(suite, Path(out) / "inputs", limit, ftro_options)
     t_prep = time.perf_counter() - t0
     methods = list(methods or DEFAULT_METHODS[suite])
     kwargs = dict(evaluate_kwargs)
+    if suite == "ftro":
+        kwargs.setdefault("removal", "replace")  # baseline: the pad id 0 (the model's config), unused by the data
     if prep["model"] is not None:
         kwargs["model"] = prep["model"]
-    result = evaluate(prep["data"], methods, Path(out), workers=workers, **kwargs)
+    result = evaluate(prep["data"], methods, Path(out) / "results", workers=workers, **kwargs)
     record = {"suite": suite, "examples": prep["n"], "methods": methods, "model": prep["model"] or "smollm2",
               "model_info": prep["model_info"], "prepare_seconds": round(t_prep, 2),
+              "evaluation": result.to_text(), "skipped": sorted({m for m, i, _ in result.skipped if not i}),
               "total_seconds": round(time.perf_counter() - t0, 2)}
     (Path(out) / "suite.json").write_text(json.dumps(record, indent=2))
     return {"record": record, "result": result}
@@ -206,13 +221,14 @@ def main(argv=None) -> int:
                    + ", ".join(f"{k} {v}" for k, v in DEFAULT_COUNTS.items()) + ")")
     p.add_argument("--methods", type=_methods, nargs="+", help="comma-separated methods (default: all of them)")
     p.add_argument("--workers", type=int, default=0, help="Ray workers (0: in this process, the default)")
+    p.add_argument("--threads", type=positive_int, default=1, help="torch threads (default 1)")
     args = p.parse_args(argv)
     methods = [m for group in args.methods for m in group] if args.methods else None
-    res = run_suite(args.suite, args.out, args.limit, methods, args.workers)
+    res = run_suite(args.suite, args.out, args.limit, methods, args.workers, threads=args.threads)
     rec = res["record"]
     print(f"{rec['suite']}: {rec['examples']} examples, {len(rec['methods'])} methods, "
           f"{rec['total_seconds']} s; written to {args.out}", file=sys.stderr)
-    md = Path(args.out) / "summary.md"
+    md = Path(args.out) / "results" / "summary.md"
     if md.is_file():
         print(md.read_text())
     return 0
