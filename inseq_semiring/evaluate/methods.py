@@ -225,8 +225,9 @@ def inseq_scores(attribution_model, scorer, method: str, ex, target: int, contra
     start = seq.attr_pos_start
     prefix = [t.id for t in tokens] if seq2seq else [t.id for t in tokens[:start]]
     generated = seq.target[start].id
-    if prefix != list(ex.input_ids) or generated != target:
-        raise MethodNotApplicable(f"Inseq tokenized the example differently from the evaluation (input "
+    # with a contrast Inseq marks the generated token as a pair (id -1): only the prompt can be compared then
+    if prefix != list(ex.input_ids) or (generated != target and contrast is None):
+        raise InvalidInputError(f"Inseq tokenized the example differently from the evaluation (input "
                                   f"{prefix[:8]}... vs {list(ex.input_ids)[:8]}..., target {generated} vs {target})")
     col = block[:len(prefix), 0] if seq2seq else block[:start, 0]
     if col.dim() == 2:
