@@ -130,7 +130,8 @@ def main() -> None:
     print(f"\n{'method':<30}{'method s':>10}{'x forward':>11}{'overhead s':>12}{'overhead / method':>19}")
     for m in methods:
         over = med["curves"] + med["loo"] / len(methods)
-        print(f"{m:<30}{med[m]:>10.4f}{med[m] / unit:>11.2f}{over:>12.4f}{over / med[m] if med[m] else float('inf'):>19.2f}")
+        ratio = f"{over / med[m]:>19.2f}" if med[m] >= 1e-3 else f"{'-':>19}"
+        print(f"{m:<30}{med[m]:>10.4f}{med[m] / unit:>11.2f}{over:>12.4f}{ratio}")
     print("\noverhead per example and method = curves + loo / (number of methods): the loo forward is shared by "
           "every method of a run.")
     if args.json:
