@@ -69,7 +69,7 @@ def test_cli_evaluate_tiny_gpt2(tiny_gpt2_dir, tmp_path, capsys):
     assert len(cur[(cur.id == "keys") & (cur.method == "loo")]) == 2 * 6
     # re-running resumes: nothing recomputed
     rc, stdout, err = _run(capsys, "evaluate", "--data", str(data), "--methods", "loo,semiring_maxpath,saliency",
-                           "--out", str(out), "--model", tiny_gpt2_dir, "--fractions", "0.2,0.5", "-q")
+                           "--out", str(out), "--model", tiny_gpt2_dir, "--fractions", "0.2", "0.5", "-q")
     assert rc == 0 and "0 computed, 9 already done; 0 scoring forward(s)" in stdout, stdout + err
 
 
@@ -89,3 +89,24 @@ def test_cli_evaluate_bad_line_and_skip_bad(tiny_gpt2_dir, tmp_path, capsys):
     rc, _, err = _run(capsys, "evaluate", "--data", str(data), "--methods", "loo,bogus", "--out",
                       str(tmp_path / "c"), "--model", tiny_gpt2_dir)
     assert rc == 2 and "unknown method 'bogus'" in err
+
+
+def test_cli_evaluate_checks_the_output_folder_before_loading(tmp_path, capsys, monkeypatch):
+    import inseq_semiring.evaluate.loading as loading
+
+    def no_load(*a, **k):  # pragma: no cover - reaching it is the failure
+        raise AssertionError("the model was loaded before the output folder was checked")
+
+    monkeypatch.setattr(loading, "load_model", no_load)
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"text": "The keys"}) + "\n")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    rc, _, err = _run(capsys, "evaluate", "--data", str(data), "--methods", "loo", "--out", str(blocker), "-q")
+    assert rc == 2 and "--out" in err and "not a folder" in err, err
+    rc, _, err = _run(capsys, "evaluate", "--data", str(data), "--methods", "loo", "--out", str(tmp_path / "o"),
+                      "--fractions", "0.1,2", "-q")
+    assert rc == 2 and "--fractions" in err and "outside (0, 1]" in err, err
+    rc, _, err = _run(capsys, "evaluate", "--data", str(tmp_path / "missing.jsonl"), "--methods", "loo", "--out",
+                      str(tmp_path / "o"), "-q")
+    assert rc == 2 and "no data file" in err and "--data" in err, err

@@ -22,6 +22,8 @@ def _write(path, lines):
 
 @pytest.mark.parametrize("line, field, needle", [
     ({"input_ids": [0, 3], "relevant": [7]}, "relevant", "out of range"),
+    ({"input_ids": [0, 3], "relevant": []}, "relevant", "empty"),
+    ({"input_ids": [0, 3], "colour": 1}, "colour", "unknown field"),
     ({"target": 0}, "text", "neither"),
     ({"input_ids": []}, "input_ids", "non-empty"),
     ({"input_ids": [0, 99]}, "input_ids", "outside the vocabulary"),
@@ -130,3 +132,23 @@ def tiny_tokenizer(tmp_path_factory):
     tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.Whitespace()
     return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", pad_token="<pad>", unk_token="<unk>")
+
+
+def test_an_example_that_cannot_be_scored_is_skipped(tmp_path):
+    """No target given, contrast 0 = the predicted class of [0, 3, 4, 5] (a = 0.65): that example is skipped."""
+    data = _write(tmp_path / "d.jsonl", [{"id": "bad", "input_ids": [0, 3, 4, 5], "contrast": 0},
+                                         {"id": "ok", "input_ids": [0, 6, 5]}])
+    s = evaluate(data, ["loo"], tmp_path / "out", model=AdditiveModel(W), progress=False)
+    skipped = pd.read_csv(tmp_path / "out" / "skipped.csv")
+    assert skipped.method.tolist() == ["*"] and skipped.id.tolist() == ["bad"]
+    assert "contrast is the model's predicted target" in skipped.reason[0]
+    assert pd.read_parquet(tmp_path / "out" / "examples.parquet").id.tolist() == ["ok"]
+    again = evaluate(data, ["loo"], tmp_path / "out", model=AdditiveModel(W), progress=False)
+    assert again.computed == 0 and s.computed == 2
+
+
+def test_a_passed_model_is_left_in_its_mode(tmp_path):
+    data = _write(tmp_path / "d.jsonl", [{"input_ids": [0, 3, 4]}])
+    model = AdditiveModel(W).train()
+    evaluate(data, ["loo", "saliency"], tmp_path / "out", model=model, progress=False)
+    assert model.training

@@ -48,8 +48,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder (resumed if it holds the same evaluation)")
     p.add_argument("--model", default="smollm2", help="'smollm2' (embedded, default) or a saved Hugging Face folder "
                                                       "(causal LM, seq2seq or *ForSequenceClassification)")
-    p.add_argument("--fractions", type=_fractions, default=None, help="fractions f in (0, 1] of comp@f / suff@f "
-                                                                       "(default 0.1,0.2,0.3,0.4,0.5)")
+    p.add_argument("--fractions", type=_fractions, nargs="+", default=None,
+                   help="fractions f in (0, 1] of comp@f / suff@f, comma- or space-separated "
+                        "(default 0.1,0.2,0.3,0.4,0.5)")
     p.add_argument("--removal", choices=("delete", "replace"), default="delete",
                    help="delete the removed tokens (default) or replace them by --baseline-id")
     p.add_argument("--baseline-id", type=_nonneg_int, default=None,
@@ -70,7 +71,8 @@ def run(args: argparse.Namespace) -> int:
 
     check_output_folder(args.out)  # before the model loads
     summary = evaluate(args.data, args.methods, args.out, model=args.model,
-                       fractions=args.fractions or DEFAULT_FRACTIONS, removal=args.removal,
+                       fractions=[f for group in args.fractions for f in group] if args.fractions
+                       else DEFAULT_FRACTIONS, removal=args.removal,
                        baseline_id=args.baseline_id, seed=args.seed, workers=args.workers, limit=args.limit,
                        skip_bad=args.skip_bad, overwrite=args.overwrite, batch_size=args.batch_size,
                        progress=not args.quiet)

@@ -42,7 +42,7 @@ class DataError(InvalidInputError):
 @dataclass
 class Example:
     """One checked example. ``input_ids``: the model input (special tokens included); ``special[i]``: never removed;
-    ``relevant``: token positions (empty tuple: the line marks none; ``None``: no ground truth); ``target`` and
+    ``relevant``: token positions (``None``: no ground truth); ``target`` and
     ``contrast``: token / class ids or ``None`` (resolved by the runner)."""
 
     id: str
@@ -182,6 +182,9 @@ def parse_line(obj: Any, line: int, file: str, *, tokenizer=None, config=None, k
 def _relevant(value, ex: Example, offsets, file, line) -> tuple[int, ...]:
     if not isinstance(value, list):
         raise DataError(file, line, "relevant", "expected a list")
+    if not value:
+        raise DataError(file, line, "relevant", "the list of relevant tokens is empty",
+                        "mark at least one token, or leave 'relevant' out (no ground truth)")
     if ex.text is None:  # token positions
         n = len(ex.input_ids)
         for p in value:

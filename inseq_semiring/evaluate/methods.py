@@ -9,9 +9,11 @@ Backends:
 * **Inseq** (generation models with a tokenizer and ``text`` data): ``AttributionModel.attribute(text, text +
   target_token, method=m)`` (encoder-decoder: the target token alone), ``attributed_fn="contrast_prob_diff"`` with a
   contrast, then the column of the first generated token with Inseq's default aggregation of the method's output:
-  a granular output (one value per hidden dimension) is reduced by its L2 norm (Inseq's ``vnorm``); a per-token
-  output is taken as it is. Inseq's final normalisation (a positive rescaling of each column) is left out: it does
-  not change the ranking.
+  a granular output (one value per hidden dimension) is reduced by its L2 norm (Inseq's ``vnorm``), a
+  multi-dimensional one (``attention``: heads x layers) by its mean, a per-token output is taken as it is. Inseq's final normalisation (a positive rescaling of each column) is left out: it does
+  not change the ranking. Inseq does not run path methods (``integrated_gradients``) contrastively; on an example
+  with a contrast that method goes through the direct backend (same root ``p(t) - p(c)``, same aggregation).
+  ``attention`` ignores the target (and the contrast).
 * **direct** (sequence classifiers, which Inseq does not support, and ``input_ids`` data): the same methods through
   the engine / Captum on the input embeddings, with the same aggregation. Inseq-only built-ins are skipped there
   (:class:`MethodNotApplicable`, reason recorded).
@@ -73,15 +75,19 @@ TOKEN_SCORES: dict[str, TokenScore] = {
     "integrated_gradients": TokenScore(False, _L2, "integrated gradients (50 steps; Inseq's UNK baseline)"),
     "deeplift": TokenScore(False, _L2, "Captum DeepLift via Inseq"),
     "gradient_shap": TokenScore(False, _L2, "Captum GradientShap via Inseq"),
-    "attention": TokenScore(False, "-", "Inseq's attention weights (its default head / layer aggregation)"),
-    "occlusion": TokenScore(False, "Inseq's default aggregation", "Captum Occlusion via Inseq"),
-    "lime": TokenScore(False, "Inseq's default aggregation", "Captum LIME via Inseq"),
+    "attention": TokenScore(False, "mean over heads and layers (Inseq's default)", "attention weights from the "
+                                                                                      "predicting position"),
+    "occlusion": TokenScore(False, "one value per token (window = the whole embedding, Inseq's default)",
+                            "|s(x) - s(x with the token's embedding replaced by UNK's)| (Inseq takes the abs)"),
+    "lime": TokenScore(True, "Inseq's default aggregation", "Captum LIME via Inseq (needs scikit-learn)"),
     "value_zeroing": TokenScore(False, "Inseq's default aggregation", "Value Zeroing via Inseq"),
 }
 ALIASES = {"guided_ig": "guided_integrated_gradients", "pgd": "pgd_attribution", "ig": "integrated_gradients"}
 #: computed through Inseq only (skipped on classifiers and input_ids data)
-INSEQ_ONLY = ("deeplift", "gradient_shap", "attention", "occlusion", "lime", "value_zeroing")
+INSEQ_ONLY = ("deeplift", "gradient_shap", "attention", "lime", "value_zeroing")
 REFERENCE = ("loo", "random")
+#: Inseq's internals methods: they do not look at the target, so a contrast is not passed to them
+OUTPUT_AGNOSTIC = ("attention", "value_zeroing")
 
 
 def canonical_method(name: str) -> str:
@@ -179,6 +185,18 @@ def _integrated_gradients(scorer, emb, fn):
     return _l2(a)[0]
 
 
+def _occlusion(scorer, emb, fn):
+    """``|s(x) - s(x with token i's embedding replaced by the baseline token's)|``, all ``i`` in one batch (the
+    absolute value, as Inseq's occlusion)."""
+    n = emb.shape[1]
+    base = _baseline_embeds(scorer, n)
+    batch = emb.expand(n, -1, -1).clone()
+    idx = torch.arange(n, device=emb.device)
+    batch[idx, idx] = base[0]
+    with torch.no_grad():
+        return (fn(emb) - fn(batch)).double().abs()
+
+
 DIRECT: dict[str, Callable] = {
     **{m: _semiring(m) for m in ("semiring_maxpath", "semiring_entropy", "semiring_flow", "semiring_gradient")},
     **{m: _lrp(m) for m in ("lrp_epsilon", "attn_lrp", "cp_lrp")},
@@ -191,6 +209,7 @@ DIRECT: dict[str, Callable] = {
     "saliency": lambda scorer, emb, fn: _l2(_grad(scorer, emb, fn).abs())[0],
     "input_x_gradient": lambda scorer, emb, fn: _l2(emb * _grad(scorer, emb, fn))[0],
     "integrated_gradients": _integrated_gradients,
+    "occlusion": _occlusion,
 }
 
 
@@ -215,21 +234,40 @@ def inseq_scores(attribution_model, scorer, method: str, ex, target: int, contra
     tgt = tok.decode([target])
     kwargs = dict(method=method, show_progress=False, pretty_progress=False, step_scores=[])
     seq2seq = scorer.kind == "seq2seq"
-    if contrast is not None:
+    if contrast is not None and method not in OUTPUT_AGNOSTIC:
         alt = tok.decode([contrast])
         kwargs.update(attributed_fn="contrast_prob_diff", contrast_targets=alt if seq2seq else ex.text + alt)
     out = attribution_model.attribute(ex.text, tgt if seq2seq else ex.text + tgt, **kwargs)
     seq = out.sequence_attributions[0]
-    block = seq.source_attributions if seq2seq else seq.target_attributions
-    tokens = seq.source if seq2seq else seq.target
     start = seq.attr_pos_start
-    prefix = [t.id for t in tokens] if seq2seq else [t.id for t in tokens[:start]]
-    generated = seq.target[start].id
+    if seq2seq:  # Inseq's decoder side: decoder start, the tokenizer's leading specials, then the target token
+        block, prefix, at = seq.source_attributions, [t.id for t in seq.source], len(scorer.decoder_prefix)
+        decoder = [t.id for t in seq.target[:at]]
+        if decoder != scorer.decoder_prefix:
+            raise InvalidInputError(f"Inseq's decoder prefix {decoder} is not the evaluation's "
+                                    f"{scorer.decoder_prefix}")
+    else:
+        block, prefix, at = seq.target_attributions, [t.id for t in seq.target[:start]], start
+    generated = seq.target[at].id if at < len(seq.target) else None
     # with a contrast Inseq marks the generated token as a pair (id -1): only the prompt can be compared then
     if prefix != list(ex.input_ids) or (generated != target and contrast is None):
         raise InvalidInputError(f"Inseq tokenized the example differently from the evaluation (input "
-                                  f"{prefix[:8]}... vs {list(ex.input_ids)[:8]}..., target {generated} vs {target})")
-    col = block[:len(prefix), 0] if seq2seq else block[:start, 0]
-    if col.dim() == 2:
-        col = _l2(col)
-    return [float(v) for v in col.double()]
+                                f"{prefix[:8]}... vs {list(ex.input_ids)[:8]}..., target {generated} vs {target})")
+    col = block[:len(prefix), at - start]
+    return [float(v) for v in inseq_default_aggregation(col, getattr(seq, "_aggregator", None))]
+
+
+def inseq_default_aggregation(col: torch.Tensor, aggregator) -> torch.Tensor:
+    """One value per token from Inseq's output column ``[tokens, *extra]``: granular outputs (aggregator
+    ``"vnorm"``) by the L2 norm of the extra dimension, multi-dimensional ones (``attention``: heads, layers; one
+    ``"mean"`` per dimension) by the mean over them, per-token outputs as they are."""
+    col = col.double()
+    if col.dim() == 1:
+        return col
+    names = [aggregator] if isinstance(aggregator, str) else list(aggregator or [])
+    if names == ["vnorm"] and col.dim() == 2:
+        return _l2(col)
+    if names and all(n == "mean" for n in names) and len(names) == col.dim() - 1:
+        return col.flatten(1).mean(-1)
+    raise MethodNotApplicable(f"no known default aggregation {aggregator!r} for an Inseq output of shape "
+                              f"{tuple(col.shape)}")

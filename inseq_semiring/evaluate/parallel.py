@@ -36,8 +36,14 @@ def _worker_class(ray):
 
             f0, r0 = self.scorer.forwards, self.scorer.rows_scored
             if rec is None:
-                rec = self.ev.example_record(ex)
+                try:
+                    rec = self.ev.example_record(ex)
+                except Exception as e:
+                    rec = {"id": ex.id, "input_ids": list(ex.input_ids),
+                           "skipped": f"{type(e).__name__}: {' '.join(str(e).split())[:500]}"}
             parts = {}
+            if "skipped" in rec:
+                methods = []
             for m in methods:
                 try:
                     parts[m] = self.ev.method_record(m, ex, rec)
@@ -67,6 +73,8 @@ def run_parallel(examples, methods, store, summary, *, workers, model, fractions
             rec = store.get("examples", ex.id)
             if rec is not None:
                 _check_same_example(rec, ex)
+                if "skipped" in rec:
+                    continue
             todo = []
             for m in methods:
                 if store.method_skipped(m) is not None:
@@ -93,6 +101,7 @@ def run_parallel(examples, methods, store, summary, *, workers, model, fractions
         for ex_id, rec, parts, fw, rows in pool.map_unordered(lambda a, t: a.run.remote(*t), tasks):
             if store.get("examples", ex_id) is None:
                 store.put("examples", ex_id, rec)
+                summary.computed += "skipped" in rec
             for m, part in parts.items():
                 if "skip_method" in part:
                     if store.method_skipped(m) is None:

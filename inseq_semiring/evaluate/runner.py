@@ -13,7 +13,8 @@ Outputs (pandas-readable; the column names are part of the API):
   ``suff@f`` for each fraction; ``hit@1`` and ``rr`` only where the example marks relevant tokens);
 * ``curves.parquet``: ``id, method, order`` (``"morf"`` / ``"lerf"``), ``k, fraction`` (``k / n``), ``score``
   (``k = 0`` is the full score);
-* ``skipped.csv``: ``method, id, reason`` (``id`` empty: the method was skipped for the whole run);
+* ``skipped.csv``: ``method, id, reason`` (``id`` empty: the method was skipped for the whole run; ``method`` ``*``:
+  the example could not be scored at all, e.g. its contrast is the model's predicted target);
 * ``errors.jsonl`` (``skip_bad``): the bad data lines.
 
 Then :func:`inseq_semiring.evaluate.report.write_reports` (summary, figures) when that module is installed.
@@ -23,9 +24,9 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -36,15 +37,16 @@ from .curves import abpc, curve_sets
 from .data import Example, read_examples
 from .faithfulness import aopc, comprehensiveness, sufficiency
 from .ground_truth import hit_at_1, reciprocal_rank
-from .methods import (REFERENCE, TOKEN_SCORES, MethodNotApplicable, canonical_method, direct_scores, inseq_scores,
-                      random_scores)
-from .ranking import check_fractions, k_of, rank
+from .methods import MethodNotApplicable, canonical_method, direct_scores, inseq_scores, random_scores
+from .ranking import check_fractions, rank
 from .scoring import REMOVALS, TargetScorer
 from .store import Store, write_atomic
 
 __all__ = ["evaluate", "metric_names", "METRIC_NAMES", "DEFAULT_FRACTIONS", "EvalSummary"]
 
 DEFAULT_FRACTIONS = (0.1, 0.2, 0.3, 0.4, 0.5)
+#: methods Inseq cannot run with a contrastive target: computed directly on such examples (:mod:`.methods`)
+CONTRAST_DIRECT = ("integrated_gradients",)
 
 
 def _fname(f: float) -> str:
@@ -83,6 +85,27 @@ class EvalSummary:
 
 
 # ------------------------------------------------------------------------------------------------------------------
+_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+
+
+@contextmanager
+def _no_leftover_hooks(model):
+    """If the method fails, remove the module hooks it added and left (an Inseq method that failed half-way), so
+    that the scoring forwards after it see the plain model. (Hooks left after a success are the method's own
+    business: Inseq keeps some between calls.)"""
+    before = {(id(m), name): set(getattr(m, name, {}) or {}) for m in model.modules() for name in _HOOK_DICTS}
+    try:
+        yield
+    except BaseException:
+        for m in model.modules():
+            for name in _HOOK_DICTS:
+                hooks = getattr(m, name, None)
+                if hooks:
+                    for key in set(hooks) - before.get((id(m), name), set()):
+                        del hooks[key]
+        raise
+
+
 class _Evaluator:
     """The per-example and per-method work for one loaded model (also what a Ray worker runs)."""
 
@@ -98,7 +121,8 @@ class _Evaluator:
             from ..integrations.inseq import register
 
             register()
-            self._am = inseq.load_model(self.scorer.model, "saliency", tokenizer=self.scorer.tokenizer)
+            self._am = inseq.load_model(self.scorer.model, "saliency", tokenizer=self.scorer.tokenizer,
+                                        device=str(self.scorer.device))  # keep the model where it is
         return self._am
 
     def example_record(self, ex: Example) -> dict:
@@ -123,10 +147,17 @@ class _Evaluator:
             return list(rec["loo"]), float(rec["loo_seconds"])
         if method == "random":
             return random_scores(len(ex.input_ids), self.seed, ex.id), time.perf_counter() - t0
-        if self.use_inseq and ex.text is not None:
-            scores = inseq_scores(self._inseq_model(), self.scorer, method, ex, rec["target"], rec["contrast"])
-        else:
-            scores = direct_scores(self.scorer, method, ex.input_ids, rec["target"], rec["contrast"])
+        with _no_leftover_hooks(self.scorer.model):
+            if self.use_inseq and ex.text is not None and not (rec["contrast"] is not None
+                                                               and method in CONTRAST_DIRECT):
+                try:
+                    scores = inseq_scores(self._inseq_model(), self.scorer, method, ex, rec["target"],
+                                          rec["contrast"])
+                except Exception:
+                    self._am = None  # a method that failed half-way may leave Inseq's wrapper in a bad state
+                    raise
+            else:
+                scores = direct_scores(self.scorer, method, ex.input_ids, rec["target"], rec["contrast"])
         return scores, time.perf_counter() - t0
 
     def method_record(self, method: str, ex: Example, rec: dict) -> dict:
@@ -160,8 +191,7 @@ class _Evaluator:
                 metrics["hit@1"] = hit_at_1(order, ex.relevant)
                 metrics["rr"] = reciprocal_rank(order, ex.relevant)
         metrics["seconds"] = seconds
-        return {"id": ex.id, "method": method, "scores": scores, "morf": morf, "lerf": lerf, "metrics": metrics,
-                "k_checked": [k_of(f, n) for f in self.fractions]}
+        return {"id": ex.id, "method": method, "scores": scores, "morf": morf, "lerf": lerf, "metrics": metrics}
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -208,6 +238,9 @@ def evaluate(data: str | Path, methods: Sequence[str] | str, out: str | Path, *,
         raise InvalidInputError(f"unknown removal {removal!r}", where="--removal", fix="use delete or replace")
     if workers and not isinstance(model, str):
         raise InvalidInputError("workers > 0 needs the model as a name or folder (each worker loads it)")
+    if not Path(data).is_file():
+        raise InvalidInputError(f"no data file {str(data)!r}", where="--data",
+                                fix="give a JSONL file, one example a line")
     from ..output_files import check_output_folder
 
     out = check_output_folder(out)
@@ -215,9 +248,22 @@ def evaluate(data: str | Path, methods: Sequence[str] | str, out: str | Path, *,
                 "baseline_id": baseline_id, "seed": seed, "use_inseq": use_inseq,
                 "data": str(Path(data).resolve())}
     store = Store(out, settings, overwrite=overwrite)
-    errors_path = out / "errors.jsonl"
-    errors_path.unlink(missing_ok=True)
+    (out / "errors.jsonl").unlink(missing_ok=True)
+    was_training = None if isinstance(model, str) else bool(getattr(model, "training", False))
     hf_model, tok, kind = _load(model, tokenizer)
+    try:
+        return _evaluate_loaded(hf_model, tok, kind, data, methods, out, store, model=model, fractions=fractions,
+                                removal=removal, baseline_id=baseline_id, seed=seed, workers=workers, limit=limit,
+                                skip_bad=skip_bad, batch_size=batch_size, progress=progress, use_inseq=use_inseq,
+                                reports=reports, t_start=t_start)
+    finally:
+        if was_training:  # a model the caller passed in is left in the mode it had
+            hf_model.train()
+
+
+def _evaluate_loaded(hf_model, tok, kind, data, methods, out, store, *, model, fractions, removal, baseline_id, seed,
+                     workers, limit, skip_bad, batch_size, progress, use_inseq, reports, t_start) -> EvalSummary:
+    errors_path = out / "errors.jsonl"
     scorer = TargetScorer(hf_model, kind, tokenizer=tok, removal=removal, baseline_id=baseline_id,
                           batch_size=batch_size)
     examples = read_examples(data, tok, config=getattr(hf_model, "config", None), kind=kind, skip_bad=skip_bad,
@@ -247,14 +293,24 @@ def _check_same_example(rec: dict, ex: Example) -> None:
                                 where=f"line {ex.line}", fix="use --overwrite to start again")
 
 
+def _reason(e: BaseException) -> str:
+    return f"{type(e).__name__}: {' '.join(str(e).split())[:500]}"
+
+
 def process_example(ev: _Evaluator, ex: Example, methods, store: Store, summary: EvalSummary) -> None:
     """Everything of one example not yet on disk (the unit of resume: example record, then each method)."""
     rec = store.get("examples", ex.id)
     if rec is None:
-        rec = ev.example_record(ex)
+        try:
+            rec = ev.example_record(ex)
+        except Exception as e:  # the example cannot be scored (e.g. the contrast is the predicted target)
+            rec = {"id": ex.id, "input_ids": list(ex.input_ids), "skipped": _reason(e)}
+            summary.computed += 1
         store.put("examples", ex.id, rec)
     else:
         _check_same_example(rec, ex)
+    if "skipped" in rec:
+        return
     for m in methods:
         if store.method_skipped(m) is not None:
             continue
@@ -269,7 +325,7 @@ def process_example(ev: _Evaluator, ex: Example, methods, store: Store, summary:
             print(f"[inseq-semiring] evaluate: {m} skipped ({type(e).__name__}: {reason[:200]})", file=sys.stderr)
             continue
         except Exception as e:  # this example only
-            part = {"id": ex.id, "method": m, "skipped": f"{type(e).__name__}: {' '.join(str(e).split())[:500]}"}
+            part = {"id": ex.id, "method": m, "skipped": _reason(e)}
         store.put(m, ex.id, part)
         summary.computed += 1
 
@@ -303,6 +359,9 @@ def write_tables(out: Path, examples: list[Example], methods, store: Store, summ
     for ex in examples:
         rec = store.get("examples", ex.id)
         if rec is None:
+            continue
+        if "skipped" in rec:
+            skipped.append(("*", ex.id, rec["skipped"]))
             continue
         ex_rows.append({"id": ex.id, "target_token_id": rec["target"], "contrast_token_id": rec["contrast"],
                         "full_score": rec["full"], "n_removable": rec["n"]})

@@ -3,7 +3,8 @@
 ``s(x) = p(target | x)``, or ``p(target | x) - p(contrast | x)`` with a contrast, where ``p`` is the softmax of
 
 * a causal LM's logits at the last input position (the next token after ``x``);
-* an encoder-decoder's first decoder step (decoder input: the decoder start token), ``x`` the encoder input;
+* an encoder-decoder's decoder after the decoder start token and the special tokens the tokenizer puts before a
+  text (BART: ``</s> <s>``; T5: ``<pad>``), ``x`` the encoder input: the step that predicts the first target token;
 * a sequence classifier's logits (``target``: a class).
 
 Perturbation (``removal``): ``"delete"`` drops the removed positions; ``"replace"`` puts ``baseline_id`` there
@@ -46,6 +47,20 @@ def default_baseline_id(tokenizer, config) -> int | None:
                       getattr(config, "eos_token_id", None), getattr(config, "bos_token_id", None))
 
 
+def _leading_specials(tokenizer) -> list[int]:
+    """The special tokens a tokenizer puts before a text (BART's ``<s>``; none for T5): the decoder sees them after
+    the decoder start token, before the first target token (as in Inseq and in training)."""
+    if tokenizer is None:
+        return []
+    enc = tokenizer("a", add_special_tokens=True, return_special_tokens_mask=True)
+    out = []
+    for t, special in zip(enc.input_ids, enc.special_tokens_mask):
+        if not special:
+            break
+        out.append(int(t))
+    return out
+
+
 class TargetScorer:
     """Scores token-id inputs of one model. ``kind``: ``"causal"``, ``"seq2seq"`` or ``"classifier"``."""
 
@@ -72,6 +87,7 @@ class TargetScorer:
                                    getattr(tokenizer, "eos_token_id", None), getattr(config, "eos_token_id", None))
         self.decoder_start_id = _first_int(getattr(config, "decoder_start_token_id", None),
                                            getattr(config, "bos_token_id", None), self.pad_id)
+        self.decoder_prefix = [self.decoder_start_id] + _leading_specials(tokenizer) if kind == "seq2seq" else []
         self._lock = threading.Lock()
         self.forwards = 0
         self.rows_scored = 0
@@ -108,8 +124,8 @@ class TargetScorer:
                 logits = self.model(input_ids=ids, attention_mask=mask).logits
                 logits = logits[torch.arange(len(rows), device=dev), (lengths - 1).to(dev)]
             elif self.kind == "seq2seq":
-                dec = torch.full((len(rows), 1), self.decoder_start_id, dtype=torch.long, device=dev)
-                logits = self.model(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits[:, 0]
+                dec = torch.tensor([self.decoder_prefix] * len(rows), dtype=torch.long, device=dev)
+                logits = self.model(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits[:, -1]
             else:
                 logits = self.model(input_ids=ids, attention_mask=mask).logits
         with self._lock:
@@ -146,7 +162,7 @@ class TargetScorer:
         emb = self.model.get_input_embeddings()(ids_t).detach()
         mask = torch.ones_like(ids_t)
         model, kind = self.model, self.kind
-        dec = torch.full((1, 1), self.decoder_start_id, dtype=torch.long, device=dev)
+        dec = torch.tensor([self.decoder_prefix], dtype=torch.long, device=dev)
 
         def fn(e: torch.Tensor) -> torch.Tensor:
             m = mask.expand(e.shape[0], -1)
@@ -154,7 +170,7 @@ class TargetScorer:
                 logits = model(inputs_embeds=e, attention_mask=m).logits[:, -1]
             elif kind == "seq2seq":
                 logits = model(inputs_embeds=e, attention_mask=m, decoder_input_ids=dec.expand(e.shape[0], -1)) \
-                    .logits[:, 0]
+                    .logits[:, -1]
             else:
                 logits = model(inputs_embeds=e, attention_mask=m).logits
             p = logits.softmax(-1)
