@@ -52,6 +52,9 @@ _LRP = ["lrp_epsilon", "attn_lrp", "cp_lrp", "attention_tracing", "attention_rol
 _GRADIENT_122 = ["deeplift_shap", "guided_backprop", "guided_integrated_gradients", "greedy_pig", "pgd_attribution"]
 _INSEQ = ["saliency", "input_x_gradient", "integrated_gradients", "attention", "occlusion", "lime"]
 _REFERENCE = ["loo", "random"]
+#: ``--ftro-quick``: a smoke-test FTRO model (600 balanced examples, 2 epochs, no accuracy target): fast, not accurate
+FTRO_QUICK = {"n_examples": 600, "sampling": "balanced", "epochs": 2, "target_val_accuracy": None}
+
 #: left out of the SmolLM2 suites' defaults for time: seconds for one agreement item here (load ~8)
 SLOW_ON_SMOLLM2 = {"guided_integrated_gradients": 209.2, "greedy_pig": 130.7, "pgd_attribution": 15.2}
 
