@@ -142,3 +142,29 @@ def test_direct_backend_equals_inseq_on_gpt2(tiny_gpt2_dir, tmp_path):
         x, y = a[a.method == m].score.to_numpy(), b[b.method == m].score.to_numpy()
         scale = float(abs(x).max())
         assert scale > 0 and abs(x - y).max() <= 2e-3 * scale, (m, x, y)
+
+
+def test_flow_is_ranked_by_its_log_and_equals_inseqs_flow(tiny_gpt2_dir, tmp_path):
+    """``semiring_flow`` is scored as ``log Z`` on the direct backend even where Inseq is used (Inseq stores float32,
+    which ``Z`` of a deep model overflows): its exponential equals Inseq's own per-token flow on a tiny model."""
+    import inseq
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from inseq_semiring.evaluate import read_examples
+    from inseq_semiring.evaluate.methods import inseq_scores
+    from inseq_semiring.evaluate.scoring import TargetScorer
+    from inseq_semiring.integrations.inseq import register
+
+    rows = [{"id": "a", "text": "the cat sat on the", "target": " mat"}]
+    data = _data(tmp_path, rows)
+    evaluate(data, ["semiring_flow"], tmp_path / "out", model=tiny_gpt2_dir, progress=False, fractions=(0.5,))
+    ours = pd.read_parquet(tmp_path / "out" / "attributions.parquet").sort_values("position").score.to_numpy()
+    tok = AutoTokenizer.from_pretrained(tiny_gpt2_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_gpt2_dir).eval()
+    ex, = read_examples(data, tok)
+    target = tok(" mat").input_ids[0]
+    register()
+    am = inseq.load_model(model, "saliency", tokenizer=tok, device="cpu")
+    theirs = inseq_scores(am, TargetScorer(model, "causal", tokenizer=tok), "semiring_flow", ex, target, None)
+    assert all(z > 0 for z in theirs)
+    assert torch.tensor(ours).exp().tolist() == pytest.approx(theirs, rel=1e-4)

@@ -13,7 +13,8 @@ Backends:
   multi-dimensional one (``attention``: heads x layers) by its mean, a per-token output is taken as it is. Inseq's final normalisation (a positive rescaling of each column) is left out: it does
   not change the ranking. Inseq does not run path methods (``integrated_gradients``) contrastively; on an example
   with a contrast that method goes through the direct backend (same root ``p(t) - p(c)``, same aggregation).
-  ``attention`` ignores the target (and the contrast).
+  ``attention`` ignores the target (and the contrast). ``semiring_flow`` always goes through the direct backend: it
+  is ranked by ``log Z``, which Inseq's float32 attributions cannot carry (``Z`` overflows them on deep models).
 * **direct** (sequence classifiers, which Inseq does not support, and ``input_ids`` data): the same methods through
   the engine / Captum on the input embeddings, with the same aggregation. Inseq-only built-ins are skipped there
   (:class:`MethodNotApplicable`, reason recorded).
@@ -24,6 +25,7 @@ Backends:
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -57,7 +59,9 @@ TOKEN_SCORES: dict[str, TokenScore] = {
                                    "top-path value max_pi |w_pi| of the token's best gradient path (sign='abs')"),
     "semiring_entropy": TokenScore(False, "Z and U summed over the hidden dimension, then H = U/Z + log Z",
                                    "entropy (nats) of the gradient-path distribution p(pi) ~ |w_pi|"),
-    "semiring_flow": TokenScore(False, "sum over the hidden dimension", "total flow Z = sum_pi |w_pi|"),
+    "semiring_flow": TokenScore(False, "Z summed over the hidden dimension, then its log",
+                                "log of the total flow Z = sum_pi |w_pi| (the ranking of Z; Z itself overflows "
+                                "float32, Inseq's storage type, on deep models)"),
     "semiring_gradient": TokenScore(False, _L2, "|ds/de| by the gradient semiring (= saliency)"),
     "lrp_epsilon": TokenScore(True, "sum over the hidden dimension", "LRP-epsilon relevance e * g~"),
     "attn_lrp": TokenScore(True, "sum over the hidden dimension", "AttnLRP relevance e * g~"),
@@ -134,6 +138,17 @@ def _semiring(name: str) -> Callable:
     return compute
 
 
+def _log_flow(scorer, emb, fn):
+    """``log Z_i = log(sum_h z_ih) + log_scale``: a monotone transform of the total flow (the same ranking), which
+    stays finite where ``Z`` itself exceeds float32 (``-inf`` for a token no path reaches)."""
+    from ..api import run
+
+    raw = run(fn, (emb,), "flow", model=scorer.model).raw[0]
+    if raw is None:
+        return torch.full((emb.shape[1],), -math.inf, dtype=torch.float64)
+    return torch.log(raw.z.double().sum(-1))[0] + float(raw.log_scale)
+
+
 def _grad(scorer, emb, fn):
     e = emb.clone().requires_grad_(True)
     g, = torch.autograd.grad(fn(e).sum(), e)
@@ -198,7 +213,8 @@ def _occlusion(scorer, emb, fn):
 
 
 DIRECT: dict[str, Callable] = {
-    **{m: _semiring(m) for m in ("semiring_maxpath", "semiring_entropy", "semiring_flow", "semiring_gradient")},
+    **{m: _semiring(m) for m in ("semiring_maxpath", "semiring_entropy", "semiring_gradient")},
+    "semiring_flow": _log_flow,
     **{m: _lrp(m) for m in ("lrp_epsilon", "attn_lrp", "cp_lrp")},
     **{m: _attention(m) for m in ("attention_tracing", "attention_rollout")},
     "deeplift_shap": _method("deeplift_shap"),

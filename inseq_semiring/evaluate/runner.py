@@ -47,6 +47,8 @@ __all__ = ["evaluate", "metric_names", "METRIC_NAMES", "DEFAULT_FRACTIONS", "Eva
 DEFAULT_FRACTIONS = (0.1, 0.2, 0.3, 0.4, 0.5)
 #: methods Inseq cannot run with a contrastive target: computed directly on such examples (:mod:`.methods`)
 CONTRAST_DIRECT = ("integrated_gradients",)
+#: methods always computed directly: the flow is ranked by ``log Z``, beyond Inseq's float32 storage (:mod:`.methods`)
+ALWAYS_DIRECT = ("semiring_flow",)
 
 
 def _fname(f: float) -> str:
@@ -148,8 +150,8 @@ class _Evaluator:
         if method == "random":
             return random_scores(len(ex.input_ids), self.seed, ex.id), time.perf_counter() - t0
         with _no_leftover_hooks(self.scorer.model):
-            if self.use_inseq and ex.text is not None and not (rec["contrast"] is not None
-                                                               and method in CONTRAST_DIRECT):
+            if self.use_inseq and ex.text is not None and method not in ALWAYS_DIRECT and not (
+                    rec["contrast"] is not None and method in CONTRAST_DIRECT):
                 try:
                     scores = inseq_scores(self._inseq_model(), self.scorer, method, ex, rec["target"],
                                           rec["contrast"])
