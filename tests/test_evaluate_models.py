@@ -168,3 +168,13 @@ def test_flow_is_ranked_by_its_log_and_equals_inseqs_flow(tiny_gpt2_dir, tmp_pat
     theirs = inseq_scores(am, TargetScorer(model, "causal", tokenizer=tok), "semiring_flow", ex, target, None)
     assert all(z > 0 for z in theirs)
     assert torch.tensor(ours).exp().tolist() == pytest.approx(theirs, rel=1e-4)
+
+
+def test_lime_runs_through_inseq(tiny_gpt2_dir, tmp_path):
+    """LIME (Captum's, via Inseq) needs scikit-learn, which setup.sh installs (extra ``evaluate``): not skipped."""
+    rows = [{"id": "a", "text": "the cat sat on the", "target": " mat"}]
+    out = tmp_path / "out"
+    evaluate(_data(tmp_path, rows), ["lime"], out, model=tiny_gpt2_dir, progress=False, fractions=(0.5,))
+    assert not (out / "skipped.csv").read_text().strip().splitlines()[1:]
+    scores = pd.read_parquet(out / "attributions.parquet").score.to_numpy()
+    assert len(scores) == 5 and abs(scores).max() > 0
