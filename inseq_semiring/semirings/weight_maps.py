@@ -38,10 +38,23 @@ def abs_weight(w: Tensor) -> Tensor:
 
 def neg_w_log_w(w: Tensor) -> Tensor:
     """Edge map ``w -> -|w| log |w|`` with ``0 log 0 = 0`` (the U part of the expectation-semiring edge).
-    (Blocks of big constant weights take the one-pass kernel :func:`~inseq_semiring.kernels.xlogx.abs_and_neg_xlogx`
-    instead; both logs are within an ulp of each other.)"""
+    CPU float32/float64 tensors take the one-pass compiled kernel
+    (:func:`~inseq_semiring.kernels.xlogx.abs_and_neg_xlogx`, ~4x the speed of ``xlogy``); other devices and dtypes,
+    and tensors that autograd tracks, take ``-xlogy(|w|, |w|)``. Both logs are within an ulp of each other."""
+    if w.device.type == "cpu" and w.dtype in _KERNEL_DTYPES and not (w.requires_grad and torch.is_grad_enabled()):
+        return abs_and_neg_xlogx(w)[1]
     aw = w.abs()
     return -torch.xlogy(aw, aw)
+
+
+_KERNEL_DTYPES = (torch.float32, torch.float64)
+
+
+def abs_and_neg_w_log_w(w: Tensor) -> tuple[Tensor, Tensor]:
+    """``(|w|, -|w| log |w|)`` in one pass where the compiled kernel applies (as :func:`neg_w_log_w`)."""
+    if w.device.type == "cpu" and w.dtype in _KERNEL_DTYPES and not (w.requires_grad and torch.is_grad_enabled()):
+        return abs_and_neg_xlogx(w)
+    return w.abs(), neg_w_log_w(w)
 
 
 def _plan(n: int, k: int, elements: int) -> tuple[str, list[slice]]:
