@@ -5,7 +5,9 @@ Root: log-probability of one next token at the last position. Each timing includ
 the baseline is ``torch.autograd.grad`` of the same root w.r.t. ``inputs_embeds`` (forward + backward).
 Memory: in a fresh subprocess per method (model built first), the peak extra memory of one call: resident set size
 sampled every millisecond on CPU minus the RSS just before the call; ``torch.cuda.max_memory_allocated`` on CUDA;
-and the whole process's peak (model weights included). By default constant weights are mapped (``|W|``,
+and the whole process's peak (model weights included). The recording columns time the forward pass under the recording
+dispatch mode alone (``graph.recorder.record``, the same tape for every semiring) and give its share of each
+method's time. By default constant weights are mapped (``|W|``,
 ``-|W| log |W|``) block by block inside each pull and nothing is kept between calls; the last columns time the opt-in
 cache of whole mapped weights (``INSEQ_SEMIRING_WEIGHT_CACHE_MB=3072``, warm) and give its size.
 
@@ -72,6 +74,13 @@ def one_call(name: str, model, root, emb):
         return torch.autograd.grad(root(e), e)[0]
     semiring, opts = {label: (ring, o) for label, ring, o in METHODS}[name]
     return isr.run(root, emb, semiring, **opts).values[0]
+
+
+def record_only(model, root, emb):
+    """The recording part of every semiring call: the forward pass under the dispatch mode (no sweep)."""
+    from inseq_semiring.graph.recorder import record
+
+    return record(root, [emb])
 
 
 def timed(fn, device: str, repeats: int) -> float:
@@ -177,14 +186,16 @@ def main() -> None:
     print(f"# GPT-2-small-shaped random model, {args.layers} layers, device={args.device}, threads={args.threads}, "
           f"max-times backend={active_backend(args.device)}")
     print("| tokens | method | seconds | × gradient | target | extra peak MiB | × gradient | process peak MiB (model "
-          "included) | × gradient | opt-in weight cache: seconds | × gradient | cache MiB |")
-    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "included) | × gradient | recording s | recording share | opt-in weight cache: seconds | × gradient | cache MiB |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     os.environ.pop("INSEQ_SEMIRING_WEIGHT_CACHE_MB", None)
     for tokens in args.tokens:
         root, emb = make_call(model, tokens, args.device)
         for name in ["autograd"] + [m for m, _, _ in METHODS]:
             one_call(name, model, root, emb)  # warm-up (kernel build, allocator)
         base = timed(lambda: one_call("autograd", model, root, emb), args.device, args.repeats)
+        record_only(model, root, emb)
+        rec = timed(lambda: record_only(model, root, emb), args.device, args.repeats)
         mem = {}
         if not args.no_memory:
             for name in ["autograd"] + [m for m, _, _ in METHODS]:
@@ -205,6 +216,7 @@ def main() -> None:
                 cells = [f"{m['peak_mib']:.0f}", f"{m['peak_mib'] / max(b['peak_mib'], 1):.2f}",
                          f"{m['total_mib']:.0f}", f"{m['total_mib'] / max(b['total_mib'], 1):.2f}"]
             label = "autograd.grad" if name == "autograd" else name
+            cells += ["-", "-"] if name == "autograd" else [f"{rec:.3f}", f"{rec / t:.2f}"]
             print(f"| {tokens} | {label} | {t:.3f} | {t / base:.2f} | {'≤ %.1f' % target if target else '-'} | "
                   + " | ".join(cells + cached) + " |", flush=True)
 

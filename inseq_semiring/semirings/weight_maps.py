@@ -4,7 +4,8 @@ Maps: ``|w|`` (flow, the ``Z`` part of entropy, maxpath) and ``-|w| log |w|`` (t
 ``0 log 0 = 0``). For a weight ``W`` [n, k] (rows: the output features the pull sums over) the products
 
     a @ f(W)                          (:func:`mapped_mm`)
-    a1 @ |W|,  a2 @ (-|W| log |W|)    (:func:`mapped_mm_pair`: both maps from one pass over each block)
+    a1 @ |W|,  a2 @ (-|W| log |W|)    (:func:`mapped_mm_pair`: both maps from one pass over each block; for a few
+                                      rows, one read of W that writes no map at all)
     max_c a[:, c] f(W)[c, :]          (:func:`mapped_max_times`, with the smallest winning ``c``)
 
 map one block of about ``BLOCK_ELEMENTS`` entries of ``W`` at a time, use it and drop it. Memory: one block,
@@ -19,12 +20,16 @@ import torch
 from torch import Tensor
 
 from ..kernels.maxtimes import max_times
+from ..kernels import xlogx
 from ..kernels.xlogx import abs_and_neg_xlogx
 
 #: Entries of ``W`` mapped at once by the (+, x) products (4 MiB of float32).
 BLOCK_ELEMENTS = 1 << 20
 #: Entries per block for max-times (its kernel is compute-bound; fewer, larger blocks).
 MAX_BLOCK_ELEMENTS = 1 << 21
+#: At most this many rows in all (both factors) take the one-read kernel :func:`~inseq_semiring.kernels.xlogx.pair_products`
+#: (a weight with unit stride along its columns; measured on the 50257 x 768 LM head with one active row: ~1.6x).
+PAIR_KERNEL_ROWS = 8
 #: Row blocks are used when they are at least this deep (a shallower split of the sum costs more than it saves)...
 MIN_BLOCK_ROWS = 1024
 #: ...else column blocks, when at least this wide (narrower ones would read the weight in tiny pieces).
@@ -91,6 +96,10 @@ def mapped_mm(a: Tensor, w: Tensor, f) -> Tensor:
 def mapped_mm_pair(a_abs: Tensor | None, a_nlogn: Tensor | None, w: Tensor) -> tuple[Tensor | None, Tensor | None]:
     """``(a_abs @ |w|, a_nlogn @ (-|w| log |w|))``; either factor may be None (its product is then None)."""
     like = a_abs if a_abs is not None else a_nlogn
+    rows = sum(0 if a is None else a.shape[0] for a in (a_abs, a_nlogn))
+    if (rows <= PAIR_KERNEL_ROWS and w.dim() == 2 and (w.shape[1] <= 1 or w.stride(1) == 1)
+            and like.dtype == w.dtype and xlogx.active_backend(w) == "cpp"):
+        return xlogx.pair_products(a_abs, a_nlogn, w, backend="cpp")
     out_abs = None if a_abs is None else like.new_zeros(a_abs.shape[0], w.shape[1])
     out_nlogn = None if a_nlogn is None else like.new_zeros(a_nlogn.shape[0], w.shape[1])
     by, blocks = _plan(w.shape[0], w.shape[1], BLOCK_ELEMENTS)
