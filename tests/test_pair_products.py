@@ -91,9 +91,61 @@ def test_mapped_mm_pair_with_and_without_the_kernel(monkeypatch, rows_limit):
     """``mapped_mm_pair`` gives the same products whether the one-read kernel (few rows) or the blocked maps
     (kernel threshold 0, blocks of two rows) are used."""
     monkeypatch.setattr(wm, "PAIR_KERNEL_ROWS", rows_limit)
+    monkeypatch.setattr(wm, "PAIR_KERNEL_COLUMNS", 1)
     monkeypatch.setattr(wm, "BLOCK_ELEMENTS", 2 * 13)
     a1, a2, w = _case(29, 13, 2, 1, torch.float64)
     got1, got2 = wm.mapped_mm_pair(a1, a2, w)
     want1, want2, _, _ = _ref(a1, a2, w)
     torch.testing.assert_close(got1, want1, rtol=1e-13, atol=0)
     torch.testing.assert_close(got2, want2, rtol=1e-13, atol=0)
+
+
+def _rank1_kinds(dtype):
+    """Softmax rows (with a masked 0 and a subnormal probability) and log-softmax rows, as the rules build them."""
+    from inseq_semiring.rules.jacobians import RowDense
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 4, 19, generator=g, dtype=torch.float64) * 3
+    x[..., 0] = -float("inf")  # a masked position: probability exactly 0
+    y = torch.softmax(x, -1).to(dtype)
+    y[0, 0, 1] = torch.finfo(dtype).tiny / 8
+    s = torch.softmax(x[..., 1:], -1).to(dtype)
+    return {"softmax": RowDense(y, (-y).unsqueeze(0), y.unsqueeze(0)),
+            "log_softmax": RowDense(torch.ones_like(s), -torch.ones_like(s).unsqueeze(0), s.unsqueeze(0))}
+
+
+@pytest.mark.parametrize("with_u", [True, False])
+@pytest.mark.parametrize("which", ["softmax", "log_softmax"])
+@pytest.mark.parametrize("dtype,rtol", [(torch.float32, 1e-5), (torch.float64, 1e-12)])
+def test_rank1_pull_equals_the_tensor_formulas(which, dtype, rtol, with_u):
+    """``rank1_pull`` (compiled) against ``scaled_pulls`` (tensor formulas, in float64), rows of zeros included."""
+    from inseq_semiring.semirings.base import scaled_pulls
+
+    if xlogx.EXTENSION.load() is None:
+        pytest.skip("no C++ toolchain")
+    kind = _rank1_kinds(dtype)[which]
+    g = torch.Generator().manual_seed(6)
+    z = torch.rand(kind.d.shape, generator=g, dtype=torch.float64).to(dtype)
+    u = (torch.randn(kind.d.shape, generator=g, dtype=torch.float64)).to(dtype) if with_u else None
+    z[1, 2] = 0.0
+    if u is not None:
+        u[1, 2] = 0.0  # a row that carries nothing
+    got_z, got_u = xlogx.rank1_pull(kind.d, kind.u[0], kind.v[0], z, u)
+    k64 = type(kind)(kind.d.double(), kind.u.double(), kind.v.double())
+    want_z, want_u = scaled_pulls(k64, z.double(), None if u is None else u.double())
+    assert got_z.dtype == dtype and bool((got_z[1, 2] == 0).all())
+    scale_z = want_z.abs().amax(-1, keepdim=True) + 1e-300
+    assert float(((got_z.double() - want_z).abs() / scale_z).max()) <= rtol
+    if u is None:
+        assert got_u is None
+        return
+    # the size of u's terms: |u| |J| + z (|J| (1 + |log |J||)), bounded row-wise by the same formulas on |u|
+    mag_z, mag_u = scaled_pulls(k64, z.double() * 8, u.double().abs())
+    scale_u = (mag_u.abs() + mag_z).amax(-1, keepdim=True) + 1e-300
+    assert float(((got_u.double() - want_u).abs() / scale_u).max()) <= rtol
+
+
+def test_rank1_pull_declines_what_it_does_not_cover():
+    y = torch.softmax(torch.randn(2, 5), -1)
+    assert xlogx.rank1_pull(y.half(), -y.half(), y.half(), y.half(), None) is None  # no half kernel
+    assert xlogx.rank1_pull(y, -y, y, y.double(), None) is None  # mixed dtypes

@@ -119,6 +119,58 @@ static void pair_rows(const T* w, int64_t n, int64_t k, int64_t ws, const T* aa,
   }
 }
 
+// The additive pulls through a rank-1 row Jacobian J = diag(d) + u v^T (softmax, log-softmax), one row of
+// length n at a time, with the maps of J's entries never formed: off the diagonal |u_i v_j| = |u_i||v_j| and
+// -|u_i v_j| log|u_i v_j| = nl(u_i)|v_j| + |u_i| nl(v_j) (nl(x) = -|x| log|x|), so with sums over the row
+//   z'_j = |v_j| (Sz - z_j |u_j|) + z_j |J_jj|,                     Sz = sum_i z_i |u_i|
+//   q'_j = |v_j| (Sq - q_j |u_j| + Sn - z_j nl(u_j)) + nl(v_j) (Sz - z_j |u_j|) + q_j |J_jj| + z_j nl(J_jj)
+// (Sq = sum_i q_i |u_i|, Sn = sum_i z_i nl(u_i)); sums and outputs in double. Rows with z = q = 0 give 0.
+template <typename T>
+static void rank1_rows(const T* d, const T* u, const T* v, const T* z, const T* q, int64_t R, int64_t n, T* oz,
+                       T* oq) {
+  std::vector<T> au(n), nu(n), av(n), nv(n), jd(n), ajd(n), njd(n);
+  for (int64_t r = 0; r < R; ++r) {
+    const T *dr = d + r * n, *ur = u + r * n, *vr = v + r * n, *zr = z + r * n, *qr = q ? q + r * n : nullptr;
+    T *ozr = oz + r * n, *oqr = q ? oq + r * n : nullptr;
+    bool live = false;
+    for (int64_t j = 0; j < n && !live; ++j) live = zr[j] != T(0) || (q && qr[j] != T(0));
+    if (!live) {
+      std::fill(ozr, ozr + n, T(0));
+      if (q) std::fill(oqr, oqr + n, T(0));
+      continue;
+    }
+    for (int64_t j = 0; j < n; ++j) jd[j] = dr[j] + ur[j] * vr[j];
+    if (q) {
+      map_row<T>(ur, au.data(), nu.data(), n);
+      map_row<T>(vr, av.data(), nv.data(), n);
+      map_row<T>(jd.data(), ajd.data(), njd.data(), n);
+    } else {
+      for (int64_t j = 0; j < n; ++j) {
+        au[j] = std::fabs(ur[j]);
+        av[j] = std::fabs(vr[j]);
+        ajd[j] = std::fabs(jd[j]);
+      }
+    }
+    double sz = 0.0, sq = 0.0, sn = 0.0;
+    for (int64_t j = 0; j < n; ++j) sz += double(zr[j]) * double(au[j]);
+    if (q) {
+      for (int64_t j = 0; j < n; ++j) {
+        sq += double(qr[j]) * double(au[j]);
+        sn += double(zr[j]) * double(nu[j]);
+      }
+    }
+    for (int64_t j = 0; j < n; ++j) {
+      const double zj = zr[j], ez = sz - zj * double(au[j]);
+      ozr[j] = T(double(av[j]) * ez + zj * double(ajd[j]));
+      if (q) {
+        const double qj = qr[j];
+        oqr[j] = T(double(av[j]) * ((sq - qj * double(au[j])) + (sn - zj * double(nu[j]))) + double(nv[j]) * ez +
+                   qj * double(ajd[j]) + zj * double(njd[j]));
+      }
+    }
+  }
+}
+
 }  // namespace
 
 // w: 2-D with unit stride along dim 1 (any row stride). Returns contiguous (|w|, -|w| log|w|).
@@ -154,9 +206,31 @@ std::vector<torch::Tensor> pair_products_cpu(torch::Tensor aa, torch::Tensor ab,
   return {oa, ob};
 }
 
+// d, u, v, z (and q when has_q): [R, n] contiguous, one dtype. Returns (z', q') (q' empty without q).
+std::vector<torch::Tensor> rank1_pull_cpu(torch::Tensor d, torch::Tensor u, torch::Tensor v, torch::Tensor z,
+                                          torch::Tensor q, bool has_q) {
+  for (const auto* t : {&d, &u, &v, &z}) {
+    TORCH_CHECK(t->dim() == 2 && t->sizes() == d.sizes() && t->is_contiguous() && t->scalar_type() == d.scalar_type(),
+                "rank1_pull_cpu: d, u, v, z must be contiguous [R, n] tensors of one dtype");
+  }
+  if (has_q) TORCH_CHECK(q.sizes() == d.sizes() && q.is_contiguous() && q.scalar_type() == d.scalar_type(),
+                         "rank1_pull_cpu: q like z");
+  auto oz = torch::empty_like(z);
+  auto oq = has_q ? torch::empty_like(z) : torch::empty({0}, z.options());
+  AT_DISPATCH_FLOATING_TYPES(d.scalar_type(), "rank1_pull_cpu", [&] {
+    rank1_rows<scalar_t>(d.data_ptr<scalar_t>(), u.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
+                         z.data_ptr<scalar_t>(), has_q ? q.data_ptr<scalar_t>() : nullptr, d.size(0), d.size(1),
+                         oz.data_ptr<scalar_t>(), has_q ? oq.data_ptr<scalar_t>() : nullptr);
+  });
+  return {oz, oq};
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("abs_neg_xlogx_cpu", &abs_neg_xlogx_cpu, "(|w|, -|w| log|w|) of a 2-D row-strided tensor",
           pybind11::arg("w"), pybind11::call_guard<pybind11::gil_scoped_release>());
+  mod.def("rank1_pull_cpu", &rank1_pull_cpu, "additive pulls through diag(d) + u v^T rows, maps in registers",
+          pybind11::arg("d"), pybind11::arg("u"), pybind11::arg("v"), pybind11::arg("z"), pybind11::arg("q"),
+          pybind11::arg("has_q"), pybind11::call_guard<pybind11::gil_scoped_release>());
   mod.def("pair_products_cpu", &pair_products_cpu, "(aa |w|, ab (-|w| log|w|)) for a few rows, one read of w",
           pybind11::arg("aa"), pybind11::arg("ab"), pybind11::arg("w"),
           pybind11::call_guard<pybind11::gil_scoped_release>());
@@ -217,3 +291,19 @@ def pair_products(a_abs: Tensor | None, a_nlogn: Tensor | None, w: Tensor, *,
                                         else a_nlogn.contiguous())
     oa, ob = EXTENSION.load().pair_products_cpu(aa, ab, w)
     return (None if a_abs is None else oa, None if a_nlogn is None else ob)
+
+
+def rank1_pull(d: Tensor, u: Tensor, v: Tensor, z: Tensor, q: Tensor | None) -> tuple[Tensor, Tensor | None] | None:
+    """``(z |J|, q |J| + z (-|J| log |J|))`` for rows ``J = diag(d) + u v^T`` (all shaped like ``z``; ``q=None``:
+    the first only), or None where the compiled kernel does not apply (then use the tensor formulas)."""
+    ts = (d, u, v, z) if q is None else (d, u, v, z, q)
+    if z.dim() == 0 or any(t.device.type != "cpu" or t.dtype != z.dtype for t in ts):
+        return None
+    if z.dtype not in (torch.float32, torch.float64) or EXTENSION.load() is None:
+        return None
+    n = z.shape[-1]
+    flat = [t.expand(z.shape).contiguous().reshape(-1, n) for t in ts]
+    if q is None:
+        flat.append(flat[3].new_empty(0))
+    oz, oq = EXTENSION.load().rank1_pull_cpu(*flat[:5], q is not None)
+    return oz.reshape(z.shape), None if q is None else oq.reshape(z.shape)

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..rules.jacobians import IndexMap, Pointwise
+from ..kernels.xlogx import rank1_pull
+from ..rules.jacobians import IndexMap, Pointwise, RowDense
 from .base import Semiring, abs_weight, linear_pull, neg_w_log_w, scaled_pulls, sum_to_shape  # noqa: F401
 from .weight_maps import abs_and_neg_w_log_w
 
@@ -96,6 +97,10 @@ class ScaledSum(Semiring):
             return _renormalise(z2, u2, value.log_scale, fresh=True)
         if isinstance(kind, Pointwise):
             return self._pull_pointwise(kind, value.z, u, value.log_scale)
+        if isinstance(kind, RowDense) and kind.entry_map is None and kind.u.shape[0] == 1:
+            out = rank1_pull(kind.d, kind.u[0], kind.v[0], value.z, u)  # compiled, maps in registers (CPU)
+            if out is not None:
+                return _renormalise(out[0], out[1], value.log_scale, fresh=True)
         z2, u2 = scaled_pulls(kind, value.z, u)
         return _renormalise(z2, u2, value.log_scale, fresh=_is_fresh(z2, value.z, u) and _is_fresh(u2, value.z, u))
 

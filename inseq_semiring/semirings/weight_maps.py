@@ -30,6 +30,8 @@ MAX_BLOCK_ELEMENTS = 1 << 21
 #: At most this many rows in all (both factors) take the one-read kernel :func:`~inseq_semiring.kernels.xlogx.pair_products`
 #: (a weight with unit stride along its columns; measured on the 50257 x 768 LM head with one active row: ~1.6x).
 PAIR_KERNEL_ROWS = 8
+#: ...and at least this many columns (it vectorises along them; narrower weights take the blocked maps).
+PAIR_KERNEL_COLUMNS = 64
 #: Row blocks are used when they are at least this deep (a shallower split of the sum costs more than it saves)...
 MIN_BLOCK_ROWS = 1024
 #: ...else column blocks, when at least this wide (narrower ones would read the weight in tiny pieces).
@@ -97,7 +99,7 @@ def mapped_mm_pair(a_abs: Tensor | None, a_nlogn: Tensor | None, w: Tensor) -> t
     """``(a_abs @ |w|, a_nlogn @ (-|w| log |w|))``; either factor may be None (its product is then None)."""
     like = a_abs if a_abs is not None else a_nlogn
     rows = sum(0 if a is None else a.shape[0] for a in (a_abs, a_nlogn))
-    if (rows <= PAIR_KERNEL_ROWS and w.dim() == 2 and (w.shape[1] <= 1 or w.stride(1) == 1)
+    if (rows <= PAIR_KERNEL_ROWS and w.dim() == 2 and w.shape[1] >= PAIR_KERNEL_COLUMNS and w.stride(1) == 1
             and like.dtype == w.dtype and xlogx.active_backend(w) == "cpp"):
         return xlogx.pair_products(a_abs, a_nlogn, w, backend="cpp")
     out_abs = None if a_abs is None else like.new_zeros(a_abs.shape[0], w.shape[1])
