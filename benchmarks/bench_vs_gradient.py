@@ -214,8 +214,8 @@ def main() -> None:
 
     print(f"# GPT-2-small-shaped random model, {args.layers} layers, device={args.device}, threads={args.threads}, "
           f"max-times backend={active_backend(args.device)}")
-    print("| tokens | method | seconds | × gradient | target | extra peak MiB | × gradient | process peak MiB (model "
-          "included) | × gradient | recording s | recording share | opt-in weight cache: seconds | × gradient | cache MiB |")
+    print("| tokens | method | seconds | × autograd | target | extra peak MiB | × autograd | process peak MiB | "
+          "× autograd | recording s | recording share | opt-in weight cache: seconds | × autograd | cache MiB |")
     print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     os.environ.pop("INSEQ_SEMIRING_WEIGHT_CACHE_MB", None)
     for tokens in args.tokens:

@@ -3,7 +3,8 @@
 A value is ``Scaled(z, u, log_scale)`` meaning ``Z = z * exp(log_scale)`` and ``U = u * exp(log_scale)``;
 ``z`` is renormalised to max 1 after every pull that weighs or sums entries (the others fold their scale into
 ``log_scale``, see :class:`ScaledSum`), so 30-layer models neither overflow nor underflow the tensor's dtype.
-``flow`` uses only ``Z`` (edge ``|w|``); ``entropy`` is the expectation semiring on ``<Z, U>`` with edge ``<|w|, -|w| log|w|>``, ``<a, b> (x) <c, d> = <ac, ad + bc>``, and ``H = U/Z + log Z`` (nats).
+``flow`` uses only ``Z`` (edge ``|w|``); ``entropy`` is the expectation semiring on ``<Z, U>`` with edge
+``<|w|, -|w| log|w|>``, ``<a, b> (x) <c, d> = <ac, ad + bc>``, and ``H = U/Z + log Z`` (nats).
 The ``0 log 0 = 0`` convention lives in :func:`~inseq_semiring.semirings.base.neg_w_log_w` only.
 """
 

@@ -27,8 +27,9 @@ from ..kernels.xlogx import abs_and_neg_xlogx
 BLOCK_ELEMENTS = 1 << 20
 #: Entries per block for max-times (its kernel is compute-bound; fewer, larger blocks).
 MAX_BLOCK_ELEMENTS = 1 << 21
-#: At most this many rows in all (both factors) take the one-read kernel :func:`~inseq_semiring.kernels.xlogx.pair_products`
-#: (a weight with unit stride along its columns; measured on the 50257 x 768 LM head with one active row: ~1.6x).
+#: At most this many rows in all (both factors) take the one-read kernel
+#: :func:`~inseq_semiring.kernels.xlogx.pair_products` (a weight with unit stride along its columns; measured on the
+#: 50257 x 768 LM head with one active row: ~1.6x the blocked maps).
 PAIR_KERNEL_ROWS = 8
 #: ...and at least this many columns (it vectorises along them; narrower weights take the blocked maps).
 PAIR_KERNEL_COLUMNS = 64
