@@ -173,11 +173,12 @@ static void rank1_rows(const T* d, const T* u, const T* v, const T* z, const T* 
 
 }  // namespace
 
-// w: 2-D with unit stride along dim 1 (any row stride). Returns contiguous (|w|, -|w| log|w|).
-std::vector<torch::Tensor> abs_neg_xlogx_cpu(torch::Tensor w) {
+// w: 2-D with unit stride along dim 1 (any row stride). Writes (|w|, -|w| log|w|) into a, b (contiguous, w's shape).
+void abs_neg_xlogx_out_cpu(torch::Tensor w, torch::Tensor a, torch::Tensor b) {
   TORCH_CHECK(w.dim() == 2 && (w.size(1) <= 1 || w.stride(1) == 1), "abs_neg_xlogx_cpu: need a 2-D row-strided tensor");
-  auto a = torch::empty(w.sizes(), w.options().memory_format(at::MemoryFormat::Contiguous));
-  auto b = torch::empty_like(a);
+  TORCH_CHECK(a.sizes() == w.sizes() && b.sizes() == w.sizes() && a.is_contiguous() && b.is_contiguous() &&
+              a.scalar_type() == w.scalar_type() && b.scalar_type() == w.scalar_type(),
+              "abs_neg_xlogx_out_cpu: outputs must be contiguous tensors shaped and typed like w");
   const int64_t rows = w.size(0), cols = w.size(1), stride = w.stride(0);
   AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "abs_neg_xlogx_cpu", [&] {
     const scalar_t* x = w.data_ptr<scalar_t>();
@@ -185,6 +186,13 @@ std::vector<torch::Tensor> abs_neg_xlogx_cpu(torch::Tensor w) {
     scalar_t* pb = b.data_ptr<scalar_t>();
     for (int64_t r = 0; r < rows; ++r) map_row<scalar_t>(x + r * stride, pa + r * cols, pb + r * cols, cols);
   });
+}
+
+// Returns contiguous (|w|, -|w| log|w|).
+std::vector<torch::Tensor> abs_neg_xlogx_cpu(torch::Tensor w) {
+  auto a = torch::empty(w.sizes(), w.options().memory_format(at::MemoryFormat::Contiguous));
+  auto b = torch::empty_like(a);
+  abs_neg_xlogx_out_cpu(w, a, b);
   return {a, b};
 }
 
@@ -228,6 +236,9 @@ std::vector<torch::Tensor> rank1_pull_cpu(torch::Tensor d, torch::Tensor u, torc
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("abs_neg_xlogx_cpu", &abs_neg_xlogx_cpu, "(|w|, -|w| log|w|) of a 2-D row-strided tensor",
           pybind11::arg("w"), pybind11::call_guard<pybind11::gil_scoped_release>());
+  mod.def("abs_neg_xlogx_out_cpu", &abs_neg_xlogx_out_cpu, "(|w|, -|w| log|w|) into given buffers",
+          pybind11::arg("w"), pybind11::arg("a"), pybind11::arg("b"),
+          pybind11::call_guard<pybind11::gil_scoped_release>());
   mod.def("rank1_pull_cpu", &rank1_pull_cpu, "additive pulls through diag(d) + u v^T rows, maps in registers",
           pybind11::arg("d"), pybind11::arg("u"), pybind11::arg("v"), pybind11::arg("z"), pybind11::arg("q"),
           pybind11::arg("has_q"), pybind11::call_guard<pybind11::gil_scoped_release>());
@@ -257,11 +268,21 @@ def active_backend(w: Tensor) -> str:
     return "cpp" if ok and EXTENSION.load() is not None else "torch"
 
 
-def abs_and_neg_xlogx(w: Tensor, *, backend: str | None = None) -> tuple[Tensor, Tensor]:
-    """``(|w|, -|w| log |w|)`` elementwise, as new tensors shaped like ``w`` (``backend``: force one, for tests)."""
+def abs_and_neg_xlogx(w: Tensor, *, backend: str | None = None, out: tuple[Tensor, Tensor] | None = None
+                      ) -> tuple[Tensor, Tensor]:
+    """``(|w|, -|w| log |w|)`` elementwise, shaped like ``w`` (``backend``: force one, for tests). ``out``: two flat
+    contiguous scratch buffers of ``w``'s dtype with at least ``w.numel()`` entries that the C++ backend writes into
+    (views of them are returned; reusing them across blocks spares fresh pages for every block)."""
     if (backend or active_backend(w)) == "torch" or w.numel() == 0:
         return _torch_backend(w)
     ext = EXTENSION.load()
+    if out is not None and w.dim() == 2 and all(b.dtype == w.dtype and b.numel() >= w.numel() for b in out):
+        t = w.dim() == 2 and w.stride(0) == 1 and w.stride(1) != 1
+        src = w.t() if t else w
+        if src.shape[1] <= 1 or src.stride(1) == 1:
+            a, b = (buf[:src.numel()].view(src.shape) for buf in out)
+            ext.abs_neg_xlogx_out_cpu(src, a, b)
+            return (a.t(), b.t()) if t else (a, b)
     if w.dim() == 2 and w.stride(0) == 1 and w.stride(1) != 1:  # a transposed matrix: map its rows, give it back
         a, b = ext.abs_neg_xlogx_cpu(w.t())
         return a.t(), b.t()

@@ -106,9 +106,10 @@ def mapped_mm_pair(a_abs: Tensor | None, a_nlogn: Tensor | None, w: Tensor) -> t
     out_abs = None if a_abs is None else like.new_zeros(a_abs.shape[0], w.shape[1])
     out_nlogn = None if a_nlogn is None else like.new_zeros(a_nlogn.shape[0], w.shape[1])
     by, blocks = _plan(w.shape[0], w.shape[1], BLOCK_ELEMENTS)
+    scratch = None if a_nlogn is None or len(blocks) < 1 else _scratch(w, BLOCK_ELEMENTS + max(w.shape))
     for b in blocks:
         block, rows = (w[:, b], slice(None)) if by == "cols" else (w[b], b)
-        maps = (block.abs(), None) if a_nlogn is None else abs_and_neg_xlogx(block)
+        maps = (block.abs(), None) if a_nlogn is None else abs_and_neg_xlogx(block, out=scratch)
         for out, a, mapped in ((out_abs, a_abs, maps[0]), (out_nlogn, a_nlogn, maps[1])):
             if out is None:
                 continue
@@ -117,6 +118,21 @@ def mapped_mm_pair(a_abs: Tensor | None, a_nlogn: Tensor | None, w: Tensor) -> t
             else:
                 out.addmm_(a[:, rows], mapped)
     return out_abs, out_nlogn
+
+
+def _scratch(w: Tensor, numel: int) -> tuple[Tensor, Tensor] | None:
+    """Two flat buffers for one block's maps, kept for the rest of this thread's sweep (its memo) so that blocks and
+    pulls reuse the same pages instead of faulting in fresh ones for every block; None outside a sweep."""
+    from ..rules.weight_cache import sweep_memo
+
+    memo = sweep_memo()
+    if memo is None or w.device.type != "cpu":
+        return None
+    key = ("weight-map scratch", w.dtype)
+    bufs = memo.get(key)
+    if bufs is None or bufs[0].numel() < numel:
+        bufs = memo[key] = (torch.empty(numel, dtype=w.dtype), torch.empty(numel, dtype=w.dtype))
+    return bufs
 
 
 def mapped_max_times(a: Tensor, w: Tensor, f, argmax: bool = True) -> tuple[Tensor, Tensor | None]:
