@@ -8,6 +8,9 @@ Two backends give the same numbers up to the last bit or two of the log:
   4x faster than the PyTorch chain ``abs, clamp, log, mul`` (measured on a 3072 x 768 float32 weight).
 * ``"torch"`` (any device/dtype): ``-|w| log(max(|w|, s))`` with ``s`` the dtype's smallest positive subnormal,
   exact for every ``|w| > 0`` and exactly 0 at ``w = 0``.
+
+:func:`pair_products` gives ``(a1 @ |W|, a2 @ (-|W| log |W|))`` for a few rows in one read of ``W`` without writing
+either map (the LM head under a next-token root: one active row against a 50257 x 768 weight).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from .vecmath import VECMATH_CPP
 
 _CPP = VECMATH_CPP + r"""
 #include <torch/extension.h>
+#include <vector>
 
 namespace {
 
@@ -53,13 +57,128 @@ template <typename T> static void map_row(const T* x, T* a, T* b, int64_t n) {
   }
 }
 
+// Products with both maps of a weight for a few rows, without materialising either map (one read of w):
+//   oa[r, j] = sum_i aa[r, i] |w[i, j]|,   ob[r, j] = sum_i ab[r, i] (-|w[i, j]| log |w[i, j]|).
+// Columns go in blocks of KB (accumulators stay in L1); along i, float partial sums of at most FLUSH terms are
+// flushed into double (as in kernels/rowcore.py). Rows i whose coefficients are all zero are skipped.
+template <typename T>
+static void pair_rows(const T* w, int64_t n, int64_t k, int64_t ws, const T* aa, int64_t ra, int64_t as,
+                      const T* ab, int64_t rb, int64_t bs, T* oa, T* ob) {
+  constexpr int W = RC_VBYTES / sizeof(T);
+  constexpr int64_t KB = 64 * W;
+  constexpr int FLUSH = 32;
+  typedef typename Vec<T, W>::V V;
+  typedef typename Vec<T, W>::IV IV;
+  const T tiny = std::numeric_limits<T>::min();
+  std::vector<T> pa(ra * KB), pb(rb * KB), ca(ra), cb(rb), tail(W);
+  std::vector<double> da(ra * KB), db(rb * KB);
+  for (int64_t c0 = 0; c0 < k; c0 += KB) {
+    const int64_t width = std::min<int64_t>(KB, k - c0);
+    const int64_t vw = (width + W - 1) / W * W;  // padded to whole vectors (pad lanes are dropped)
+    std::fill(pa.begin(), pa.end(), T(0));
+    std::fill(pb.begin(), pb.end(), T(0));
+    std::fill(da.begin(), da.end(), 0.0);
+    std::fill(db.begin(), db.end(), 0.0);
+    int since = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      bool live = false;
+      for (int64_t r = 0; r < ra; ++r) live |= (ca[r] = aa[r * as + i]) != T(0);
+      for (int64_t r = 0; r < rb; ++r) live |= (cb[r] = ab[r * bs + i]) != T(0);
+      if (!live) continue;
+      const T* row = w + i * ws + c0;
+      for (int64_t j = 0; j < vw; j += W) {
+        V v;
+        if (j + W <= width) {
+          v = vabs<T, W>(vload<V>(row + j));
+        } else {  // the block's last partial vector: padded with 1 (|1| log 1 = 0)
+          for (int l = 0; l < W; ++l) tail[l] = j + l < width ? std::fabs(row[j + l]) : T(1);
+          v = vload<V>(tail.data());
+        }
+        for (int64_t r = 0; r < ra; ++r) vstore(&pa[r * KB + j], vload<V>(&pa[r * KB + j]) + v * ca[r]);
+        if (rb) {
+          V l = v * vlog<T, W>(v);  // |w| log |w|; 0 -> 0 (vlog(0) is finite)
+          const IV sub = (v > T(0)) & (v < tiny);
+          bool any = false;
+          for (int q = 0; q < W; ++q) any |= sub[q] != 0;
+          if (any) {  // subnormal |w| (outside vlog's range): rare
+            for (int q = 0; q < W; ++q) if (sub[q]) l[q] = v[q] * std::log(v[q]);
+          }
+          for (int64_t r = 0; r < rb; ++r) vstore(&pb[r * KB + j], vload<V>(&pb[r * KB + j]) + l * cb[r]);
+        }
+      }
+      if (++since == FLUSH) {
+        since = 0;
+        for (int64_t q = 0; q < ra * KB; ++q) { da[q] += double(pa[q]); pa[q] = T(0); }
+        for (int64_t q = 0; q < rb * KB; ++q) { db[q] += double(pb[q]); pb[q] = T(0); }
+      }
+    }
+    for (int64_t r = 0; r < ra; ++r)
+      for (int64_t j = 0; j < width; ++j) oa[r * k + c0 + j] = T(da[r * KB + j] + double(pa[r * KB + j]));
+    for (int64_t r = 0; r < rb; ++r)
+      for (int64_t j = 0; j < width; ++j) ob[r * k + c0 + j] = T(-(db[r * KB + j] + double(pb[r * KB + j])));
+  }
+}
+
+// The additive pulls through a rank-1 row Jacobian J = diag(d) + u v^T (softmax, log-softmax), one row of
+// length n at a time, with the maps of J's entries never formed: off the diagonal |u_i v_j| = |u_i||v_j| and
+// -|u_i v_j| log|u_i v_j| = nl(u_i)|v_j| + |u_i| nl(v_j) (nl(x) = -|x| log|x|), so with sums over the row
+//   z'_j = |v_j| (Sz - z_j |u_j|) + z_j |J_jj|,                     Sz = sum_i z_i |u_i|
+//   q'_j = |v_j| (Sq - q_j |u_j| + Sn - z_j nl(u_j)) + nl(v_j) (Sz - z_j |u_j|) + q_j |J_jj| + z_j nl(J_jj)
+// (Sq = sum_i q_i |u_i|, Sn = sum_i z_i nl(u_i)); sums and outputs in double. Rows with z = q = 0 give 0.
+template <typename T>
+static void rank1_rows(const T* d, const T* u, const T* v, const T* z, const T* q, int64_t R, int64_t n, T* oz,
+                       T* oq) {
+  std::vector<T> au(n), nu(n), av(n), nv(n), jd(n), ajd(n), njd(n);
+  for (int64_t r = 0; r < R; ++r) {
+    const T *dr = d + r * n, *ur = u + r * n, *vr = v + r * n, *zr = z + r * n, *qr = q ? q + r * n : nullptr;
+    T *ozr = oz + r * n, *oqr = q ? oq + r * n : nullptr;
+    bool live = false;
+    for (int64_t j = 0; j < n && !live; ++j) live = zr[j] != T(0) || (q && qr[j] != T(0));
+    if (!live) {
+      std::fill(ozr, ozr + n, T(0));
+      if (q) std::fill(oqr, oqr + n, T(0));
+      continue;
+    }
+    for (int64_t j = 0; j < n; ++j) jd[j] = dr[j] + ur[j] * vr[j];
+    if (q) {
+      map_row<T>(ur, au.data(), nu.data(), n);
+      map_row<T>(vr, av.data(), nv.data(), n);
+      map_row<T>(jd.data(), ajd.data(), njd.data(), n);
+    } else {
+      for (int64_t j = 0; j < n; ++j) {
+        au[j] = std::fabs(ur[j]);
+        av[j] = std::fabs(vr[j]);
+        ajd[j] = std::fabs(jd[j]);
+      }
+    }
+    double sz = 0.0, sq = 0.0, sn = 0.0;
+    for (int64_t j = 0; j < n; ++j) sz += double(zr[j]) * double(au[j]);
+    if (q) {
+      for (int64_t j = 0; j < n; ++j) {
+        sq += double(qr[j]) * double(au[j]);
+        sn += double(zr[j]) * double(nu[j]);
+      }
+    }
+    for (int64_t j = 0; j < n; ++j) {
+      const double zj = zr[j], ez = sz - zj * double(au[j]);
+      ozr[j] = T(double(av[j]) * ez + zj * double(ajd[j]));
+      if (q) {
+        const double qj = qr[j];
+        oqr[j] = T(double(av[j]) * ((sq - qj * double(au[j])) + (sn - zj * double(nu[j]))) + double(nv[j]) * ez +
+                   qj * double(ajd[j]) + zj * double(njd[j]));
+      }
+    }
+  }
+}
+
 }  // namespace
 
-// w: 2-D with unit stride along dim 1 (any row stride). Returns contiguous (|w|, -|w| log|w|).
-std::vector<torch::Tensor> abs_neg_xlogx_cpu(torch::Tensor w) {
+// w: 2-D with unit stride along dim 1 (any row stride). Writes (|w|, -|w| log|w|) into a, b (contiguous, w's shape).
+void abs_neg_xlogx_out_cpu(torch::Tensor w, torch::Tensor a, torch::Tensor b) {
   TORCH_CHECK(w.dim() == 2 && (w.size(1) <= 1 || w.stride(1) == 1), "abs_neg_xlogx_cpu: need a 2-D row-strided tensor");
-  auto a = torch::empty(w.sizes(), w.options().memory_format(at::MemoryFormat::Contiguous));
-  auto b = torch::empty_like(a);
+  TORCH_CHECK(a.sizes() == w.sizes() && b.sizes() == w.sizes() && a.is_contiguous() && b.is_contiguous() &&
+              a.scalar_type() == w.scalar_type() && b.scalar_type() == w.scalar_type(),
+              "abs_neg_xlogx_out_cpu: outputs must be contiguous tensors shaped and typed like w");
   const int64_t rows = w.size(0), cols = w.size(1), stride = w.stride(0);
   AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "abs_neg_xlogx_cpu", [&] {
     const scalar_t* x = w.data_ptr<scalar_t>();
@@ -67,12 +186,65 @@ std::vector<torch::Tensor> abs_neg_xlogx_cpu(torch::Tensor w) {
     scalar_t* pb = b.data_ptr<scalar_t>();
     for (int64_t r = 0; r < rows; ++r) map_row<scalar_t>(x + r * stride, pa + r * cols, pb + r * cols, cols);
   });
+}
+
+// Returns contiguous (|w|, -|w| log|w|).
+std::vector<torch::Tensor> abs_neg_xlogx_cpu(torch::Tensor w) {
+  auto a = torch::empty(w.sizes(), w.options().memory_format(at::MemoryFormat::Contiguous));
+  auto b = torch::empty_like(a);
+  abs_neg_xlogx_out_cpu(w, a, b);
   return {a, b};
+}
+
+// aa [ra, n], ab [rb, n] (unit stride along n), w [n, k] (unit stride along k). Returns (aa |w|, ab (-|w| log|w|)).
+std::vector<torch::Tensor> pair_products_cpu(torch::Tensor aa, torch::Tensor ab, torch::Tensor w) {
+  TORCH_CHECK(w.dim() == 2 && (w.size(1) <= 1 || w.stride(1) == 1), "pair_products_cpu: need a row-strided w");
+  TORCH_CHECK(aa.dim() == 2 && ab.dim() == 2 && aa.size(1) == w.size(0) && ab.size(1) == w.size(0),
+              "pair_products_cpu: factor shapes");
+  TORCH_CHECK((aa.size(1) <= 1 || aa.stride(1) == 1) && (ab.size(1) <= 1 || ab.stride(1) == 1),
+              "pair_products_cpu: factors need unit stride along n");
+  TORCH_CHECK(aa.scalar_type() == w.scalar_type() && ab.scalar_type() == w.scalar_type(), "pair_products_cpu: dtype");
+  auto oa = torch::empty({aa.size(0), w.size(1)}, w.options().memory_format(at::MemoryFormat::Contiguous));
+  auto ob = torch::empty({ab.size(0), w.size(1)}, oa.options());
+  AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "pair_products_cpu", [&] {
+    pair_rows<scalar_t>(w.data_ptr<scalar_t>(), w.size(0), w.size(1), w.stride(0), aa.data_ptr<scalar_t>(),
+                        aa.size(0), aa.stride(0), ab.data_ptr<scalar_t>(), ab.size(0), ab.stride(0),
+                        oa.data_ptr<scalar_t>(), ob.data_ptr<scalar_t>());
+  });
+  return {oa, ob};
+}
+
+// d, u, v, z (and q when has_q): [R, n] contiguous, one dtype. Returns (z', q') (q' empty without q).
+std::vector<torch::Tensor> rank1_pull_cpu(torch::Tensor d, torch::Tensor u, torch::Tensor v, torch::Tensor z,
+                                          torch::Tensor q, bool has_q) {
+  for (const auto* t : {&d, &u, &v, &z}) {
+    TORCH_CHECK(t->dim() == 2 && t->sizes() == d.sizes() && t->is_contiguous() && t->scalar_type() == d.scalar_type(),
+                "rank1_pull_cpu: d, u, v, z must be contiguous [R, n] tensors of one dtype");
+  }
+  if (has_q) TORCH_CHECK(q.sizes() == d.sizes() && q.is_contiguous() && q.scalar_type() == d.scalar_type(),
+                         "rank1_pull_cpu: q like z");
+  auto oz = torch::empty_like(z);
+  auto oq = has_q ? torch::empty_like(z) : torch::empty({0}, z.options());
+  AT_DISPATCH_FLOATING_TYPES(d.scalar_type(), "rank1_pull_cpu", [&] {
+    rank1_rows<scalar_t>(d.data_ptr<scalar_t>(), u.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
+                         z.data_ptr<scalar_t>(), has_q ? q.data_ptr<scalar_t>() : nullptr, d.size(0), d.size(1),
+                         oz.data_ptr<scalar_t>(), has_q ? oq.data_ptr<scalar_t>() : nullptr);
+  });
+  return {oz, oq};
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("abs_neg_xlogx_cpu", &abs_neg_xlogx_cpu, "(|w|, -|w| log|w|) of a 2-D row-strided tensor",
           pybind11::arg("w"), pybind11::call_guard<pybind11::gil_scoped_release>());
+  mod.def("abs_neg_xlogx_out_cpu", &abs_neg_xlogx_out_cpu, "(|w|, -|w| log|w|) into given buffers",
+          pybind11::arg("w"), pybind11::arg("a"), pybind11::arg("b"),
+          pybind11::call_guard<pybind11::gil_scoped_release>());
+  mod.def("rank1_pull_cpu", &rank1_pull_cpu, "additive pulls through diag(d) + u v^T rows, maps in registers",
+          pybind11::arg("d"), pybind11::arg("u"), pybind11::arg("v"), pybind11::arg("z"), pybind11::arg("q"),
+          pybind11::arg("has_q"), pybind11::call_guard<pybind11::gil_scoped_release>());
+  mod.def("pair_products_cpu", &pair_products_cpu, "(aa |w|, ab (-|w| log|w|)) for a few rows, one read of w",
+          pybind11::arg("aa"), pybind11::arg("ab"), pybind11::arg("w"),
+          pybind11::call_guard<pybind11::gil_scoped_release>());
 }
 """
 
@@ -96,11 +268,21 @@ def active_backend(w: Tensor) -> str:
     return "cpp" if ok and EXTENSION.load() is not None else "torch"
 
 
-def abs_and_neg_xlogx(w: Tensor, *, backend: str | None = None) -> tuple[Tensor, Tensor]:
-    """``(|w|, -|w| log |w|)`` elementwise, as new tensors shaped like ``w`` (``backend``: force one, for tests)."""
+def abs_and_neg_xlogx(w: Tensor, *, backend: str | None = None, out: tuple[Tensor, Tensor] | None = None
+                      ) -> tuple[Tensor, Tensor]:
+    """``(|w|, -|w| log |w|)`` elementwise, shaped like ``w`` (``backend``: force one, for tests). ``out``: two flat
+    contiguous scratch buffers of ``w``'s dtype with at least ``w.numel()`` entries that the C++ backend writes into
+    (views of them are returned; reusing them across blocks spares fresh pages for every block)."""
     if (backend or active_backend(w)) == "torch" or w.numel() == 0:
         return _torch_backend(w)
     ext = EXTENSION.load()
+    if out is not None and w.dim() == 2 and all(b.dtype == w.dtype and b.numel() >= w.numel() for b in out):
+        t = w.dim() == 2 and w.stride(0) == 1 and w.stride(1) != 1
+        src = w.t() if t else w
+        if src.shape[1] <= 1 or src.stride(1) == 1:
+            a, b = (buf[:src.numel()].view(src.shape) for buf in out)
+            ext.abs_neg_xlogx_out_cpu(src, a, b)
+            return (a.t(), b.t()) if t else (a, b)
     if w.dim() == 2 and w.stride(0) == 1 and w.stride(1) != 1:  # a transposed matrix: map its rows, give it back
         a, b = ext.abs_neg_xlogx_cpu(w.t())
         return a.t(), b.t()
@@ -109,3 +291,40 @@ def abs_and_neg_xlogx(w: Tensor, *, backend: str | None = None) -> tuple[Tensor,
     flat = w.contiguous().reshape(1, -1)
     a, b = ext.abs_neg_xlogx_cpu(flat)
     return a.reshape(w.shape), b.reshape(w.shape)
+
+
+def pair_products(a_abs: Tensor | None, a_nlogn: Tensor | None, w: Tensor, *,
+                  backend: str | None = None) -> tuple[Tensor | None, Tensor | None]:
+    """``(a_abs @ |w|, a_nlogn @ (-|w| log |w|))`` for ``a_*`` [r, n] and ``w`` [n, k]; either factor may be None.
+    ``"cpp"``: one pass over ``w`` that maps each entry in registers and never writes a map (meant for a few rows:
+    the accumulators of every row stay in L1); ``"torch"``: the maps, then two products."""
+    like = a_abs if a_abs is not None else a_nlogn
+    if backend is None:
+        backend = active_backend(w) if like is not None and like.dtype == w.dtype else "torch"
+    if backend == "torch" or w.numel() == 0:
+        mag, nlogn = _torch_backend(w)
+        return (None if a_abs is None else a_abs @ mag, None if a_nlogn is None else a_nlogn @ nlogn)
+    if w.dim() != 2 or not (w.shape[1] <= 1 or w.stride(1) == 1):
+        w = w.contiguous()
+    empty = like.new_zeros(0, w.shape[0])
+    aa = empty if a_abs is None else (a_abs if a_abs.shape[1] <= 1 or a_abs.stride(1) == 1 else a_abs.contiguous())
+    ab = empty if a_nlogn is None else (a_nlogn if a_nlogn.shape[1] <= 1 or a_nlogn.stride(1) == 1
+                                        else a_nlogn.contiguous())
+    oa, ob = EXTENSION.load().pair_products_cpu(aa, ab, w)
+    return (None if a_abs is None else oa, None if a_nlogn is None else ob)
+
+
+def rank1_pull(d: Tensor, u: Tensor, v: Tensor, z: Tensor, q: Tensor | None) -> tuple[Tensor, Tensor | None] | None:
+    """``(z |J|, q |J| + z (-|J| log |J|))`` for rows ``J = diag(d) + u v^T`` (all shaped like ``z``; ``q=None``:
+    the first only), or None where the compiled kernel does not apply (then use the tensor formulas)."""
+    ts = (d, u, v, z) if q is None else (d, u, v, z, q)
+    if z.dim() == 0 or any(t.device.type != "cpu" or t.dtype != z.dtype for t in ts):
+        return None
+    if z.dtype not in (torch.float32, torch.float64) or EXTENSION.load() is None:
+        return None
+    n = z.shape[-1]
+    flat = [t.expand(z.shape).contiguous().reshape(-1, n) for t in ts]
+    if q is None:
+        flat.append(flat[3].new_empty(0))
+    oz, oq = EXTENSION.load().rank1_pull_cpu(*flat[:5], q is not None)
+    return oz.reshape(z.shape), None if q is None else oq.reshape(z.shape)
