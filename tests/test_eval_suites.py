@@ -152,3 +152,13 @@ def test_text_suite_smoke(tmp_path, smollm2):
     methods = ["loo", "saliency"]
     fs.run_suite("text", tmp_path, limit=2, methods=methods, progress=False, **smollm2)
     _check_outputs(tmp_path, methods, 2, ground_truth=False)
+
+
+@needs_smollm2
+def test_the_evaluate_command_runs_a_suite(tmp_path, capsys):
+    from inseq_semiring.cli import main
+
+    assert main(["evaluate", "--suite", "text", "--out", str(tmp_path), "--limit", "1", "--methods", "loo,random",
+                 "-q"]) == 0
+    _check_outputs(tmp_path, ["loo", "random"], 1, ground_truth=False)
+    assert "evaluated 1 example(s) x 2 method(s)" in capsys.readouterr().out

@@ -110,3 +110,16 @@ def test_cli_evaluate_checks_the_output_folder_before_loading(tmp_path, capsys, 
     rc, _, err = _run(capsys, "evaluate", "--data", str(tmp_path / "missing.jsonl"), "--methods", "loo", "--out",
                       str(tmp_path / "o"), "-q")
     assert rc == 2 and "no data file" in err and "--data" in err, err
+
+
+def test_cli_evaluate_needs_data_or_suite(tmp_path, capsys):
+    rc, _, err = _run(capsys, "evaluate", "--methods", "loo", "--out", str(tmp_path / "a"))
+    assert rc == 2 and "give either --data F.jsonl or --suite NAME" in err, err
+    rc, _, err = _run(capsys, "evaluate", "--data", str(tmp_path / "d.jsonl"), "--suite", "text", "--out",
+                      str(tmp_path / "b"))
+    assert rc == 2 and "give either --data F.jsonl or --suite NAME" in err, err
+    rc, _, err = _run(capsys, "evaluate", "--data", str(tmp_path / "d.jsonl"), "--out", str(tmp_path / "c"))
+    assert rc == 2 and "--methods is required with --data" in err, err
+    rc, _, err = _run(capsys, "evaluate", "--suite", "text", "--model", str(tmp_path), "--out", str(tmp_path / "d"))
+    assert rc == 2 and "brings its own model and removal" in err, err
+    assert not any((tmp_path / x).exists() for x in "abcd")

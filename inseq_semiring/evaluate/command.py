@@ -1,6 +1,8 @@
 """``inseq-semiring evaluate --data F.jsonl --methods a,b,c --out DIR [--model M] [--fractions 0.1,0.2,...]
 [--removal delete|replace] [--workers N] [--limit K] [--skip-bad] [--overwrite]``: :func:`~.runner.evaluate` from
-the command line (progress with ETA on stderr; the summary line on stdout)."""
+the command line (progress with ETA on stderr; the summary line on stdout). ``--suite ftro|agreement|text`` instead
+of ``--data`` runs a built-in suite (:mod:`inseq_semiring.experiments.faithfulness`: its data and model, its default
+methods unless ``--methods``)."""
 
 from __future__ import annotations
 
@@ -42,9 +44,13 @@ def add_parser(sub) -> argparse.ArgumentParser:
                                    "leave-one-out, hit@1 and reciprocal rank, seconds. Methods: "
                                    + ", ".join(TOKEN_SCORES) + " (aliases: "
                                    + ", ".join(f"{a}={b}" for a, b in ALIASES.items()) + ").")
-    p.add_argument("--data", required=True, help="JSONL file: one example a line (text or input_ids, target, "
-                                                 "contrast, label, relevant)")
-    p.add_argument("--methods", required=True, help="comma-separated methods, e.g. loo,random,semiring_maxpath")
+    p.add_argument("--data", help="JSONL file: one example a line (text or input_ids, target, contrast, label, "
+                                  "relevant)")
+    p.add_argument("--suite", choices=("ftro", "agreement", "text"),
+                   help="a built-in suite instead of --data (its own data and model; inputs in DIR/inputs, the "
+                        "evaluation in DIR/results)")
+    p.add_argument("--methods", help="comma-separated methods, e.g. loo,random,semiring_maxpath (required with "
+                                     "--data; a suite has defaults)")
     p.add_argument("--out", required=True, help="output folder (resumed if it holds the same evaluation)")
     p.add_argument("--model", default="smollm2", help="'smollm2' (embedded, default) or a saved Hugging Face folder "
                                                       "(causal LM, seq2seq or *ForSequenceClassification)")
@@ -66,9 +72,21 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..errors import InvalidInputError
     from ..output_files import check_output_folder
     from .runner import DEFAULT_FRACTIONS, evaluate
 
+    if (args.data is None) == (args.suite is None):
+        raise InvalidInputError("give either --data F.jsonl or --suite NAME", where="inseq-semiring evaluate",
+                                fix="--data with your JSONL file and --methods, or --suite ftro|agreement|text")
+    if args.suite is not None:
+        if args.model != "smollm2" or args.removal != "delete" or args.baseline_id is not None:
+            raise InvalidInputError(f"suite {args.suite!r} brings its own model and removal", where="--suite",
+                                    fix="drop --model / --removal / --baseline-id, or use --data with your model")
+        return _run_suite(args)
+    if not args.methods:
+        raise InvalidInputError("--methods is required with --data", where="inseq-semiring evaluate",
+                                fix="e.g. --methods loo,random,saliency,semiring_maxpath")
     check_output_folder(args.out)  # before the model loads
     summary = evaluate(args.data, args.methods, args.out, model=args.model,
                        fractions=[f for group in args.fractions for f in group] if args.fractions
@@ -77,4 +95,18 @@ def run(args: argparse.Namespace) -> int:
                        skip_bad=args.skip_bad, overwrite=args.overwrite, batch_size=args.batch_size,
                        progress=not args.quiet)
     print(summary.to_text())
+    return 0
+
+
+def _run_suite(args: argparse.Namespace) -> int:
+    """A built-in suite with this command's options (``--model``, ``--data`` and ``--removal`` are the suite's)."""
+    from ..experiments.faithfulness import run_suite
+    from .runner import DEFAULT_FRACTIONS
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
+    res = run_suite(args.suite, args.out, args.limit, methods, args.workers, seed=args.seed,
+                    fractions=[f for group in args.fractions for f in group] if args.fractions
+                    else DEFAULT_FRACTIONS, skip_bad=args.skip_bad, overwrite=args.overwrite,
+                    batch_size=args.batch_size, progress=not args.quiet)
+    print(res["result"].to_text())
     return 0
