@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..experiments._common import nonnegative_int, positive_int
 from .methods import ALIASES, TOKEN_SCORES
 
 __all__ = ["add_parser", "run"]
@@ -18,23 +19,6 @@ def _fractions(text: str) -> list[str]:
     if not parts:
         raise argparse.ArgumentTypeError("give fractions in (0, 1], e.g. 0.1,0.2,0.3")
     return parts
-
-
-def _nonneg_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is negative")
-    return v
-
-
-def _pos_int(text: str) -> int:
-    v = _nonneg_int(text)
-    if v < 1:
-        raise argparse.ArgumentTypeError("give an integer >= 1")
-    return v
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -59,12 +43,12 @@ def add_parser(sub) -> argparse.ArgumentParser:
                         "(default 0.1,0.2,0.3,0.4,0.5)")
     p.add_argument("--removal", choices=("delete", "replace"), default="delete",
                    help="delete the removed tokens (default) or replace them by --baseline-id")
-    p.add_argument("--baseline-id", type=_nonneg_int, default=None,
+    p.add_argument("--baseline-id", type=nonnegative_int, default=None,
                    help="token id of --removal replace (default: UNK, else pad, else EOS)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random method (default 0)")
-    p.add_argument("--workers", type=_nonneg_int, default=0, help="Ray actors (default 0: in this process)")
-    p.add_argument("--limit", type=_pos_int, default=None, help="evaluate only the first K good examples")
-    p.add_argument("--batch-size", type=_pos_int, default=64, help="perturbed inputs per scoring forward")
+    p.add_argument("--workers", type=nonnegative_int, default=0, help="Ray actors (default 0: in this process)")
+    p.add_argument("--limit", type=positive_int, default=None, help="evaluate only the first K good examples")
+    p.add_argument("--batch-size", type=positive_int, default=64, help="perturbed inputs per scoring forward")
     p.add_argument("--skip-bad", action="store_true", help="log bad lines to DIR/errors.jsonl and go on")
     p.add_argument("--overwrite", action="store_true", help="delete an existing evaluation in --out first")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")

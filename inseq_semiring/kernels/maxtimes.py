@@ -303,6 +303,29 @@ static inline unsigned pack_b(const T* B, int64_t sbk, int64_t sbn, int64_t p0, 
   return bad;
 }
 
+template <typename T>
+static inline unsigned pack_a(const T* A, int64_t k, int64_t i0, int64_t mb, int64_t mt, int MR, int64_t p0,
+                              int64_t kc, T* Ap) {
+  unsigned bad = 0;
+  for (int64_t t = 0; t < mt; ++t) {
+    T* dst = Ap + t * kc * MR;
+    for (int r = 0; r < MR; ++r) {
+      const int64_t row = t * MR + r;
+      if (row < mb) {
+        const T* src = A + (i0 + row) * k + p0;
+        for (int64_t p = 0; p < kc; ++p) {
+          const T x = src[p];
+          bad |= nonfinite(x);
+          dst[p * MR + r] = x;
+        }
+      } else {
+        for (int64_t p = 0; p < kc; ++p) dst[p * MR + r] = T(0);
+      }
+    }
+  }
+  return bad;
+}
+
 template <typename T, bool ARG, bool ABSB>
 static bool run_block(const T* A, const T* B, T* C, int64_t* Cidx, int64_t k, int64_t n, int64_t sbk,
                       int64_t sbn, int64_t i0, int64_t i1, int64_t j0, int64_t j1, Scratch<T>& s) {
@@ -321,23 +344,7 @@ static bool run_block(const T* A, const T* B, T* C, int64_t* Cidx, int64_t k, in
   unsigned bad = 0;
   for (int64_t p0 = 0; p0 < k; p0 += KC) {
     const int64_t kc = std::min<int64_t>(KC, k - p0);
-    // pack A[i0:i1, p0:p0+kc] as [tile][p][r], zero rows past the edge
-    for (int64_t t = 0; t < mt; ++t) {
-      T* dst = Ap + t * kc * MR;
-      for (int r = 0; r < MR; ++r) {
-        const int64_t row = t * MR + r;
-        if (row < mb) {
-          const T* src = A + (i0 + row) * k + p0;
-          for (int64_t p = 0; p < kc; ++p) {
-            const T x = src[p];
-            bad |= nonfinite(x);
-            dst[p * MR + r] = x;
-          }
-        } else {
-          for (int64_t p = 0; p < kc; ++p) dst[p * MR + r] = T(0);
-        }
-      }
-    }
+    bad |= pack_a(A, k, i0, mb, mt, MR, p0, kc, Ap);  // A[i0:i1, p0:p0+kc] as [tile][p][r], zero rows past the edge
     for (int64_t jt = 0; jt < nt; ++jt) {
       // pack B[p0:p0+kc, j:j+NR] as [p][NR], zero columns past the edge
       const int64_t j = j0 + jt * NR;
@@ -452,29 +459,6 @@ static inline __attribute__((always_inline)) void micro_pair(
 template <typename T> struct PairScratch {
   Buf<T> aph, apl, bp, ch, cl;
 };
-
-template <typename T>
-static inline unsigned pack_a(const T* A, int64_t k, int64_t i0, int64_t mb, int64_t mt, int MR, int64_t p0,
-                              int64_t kc, T* Ap) {
-  unsigned bad = 0;
-  for (int64_t t = 0; t < mt; ++t) {
-    T* dst = Ap + t * kc * MR;
-    for (int r = 0; r < MR; ++r) {
-      const int64_t row = t * MR + r;
-      if (row < mb) {
-        const T* src = A + (i0 + row) * k + p0;
-        for (int64_t p = 0; p < kc; ++p) {
-          const T x = src[p];
-          bad |= nonfinite(x);
-          dst[p * MR + r] = x;
-        }
-      } else {
-        for (int64_t p = 0; p < kc; ++p) dst[p * MR + r] = T(0);
-      }
-    }
-  }
-  return bad;
-}
 
 template <typename T>
 static bool run_block_pair(const T* Ah, const T* Al, const T* B, T* Ch, T* Cl, int64_t k, int64_t n,
