@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from ..kernels.xlogx import rank1_pull
+from ..rules import jacobians as _jacobians
 from ..rules.jacobians import IndexMap, Pointwise, RowDense
 from .base import Semiring, abs_weight, linear_pull, neg_w_log_w, scaled_pulls, sum_to_shape  # noqa: F401
 from .weight_maps import abs_and_neg_w_log_w
@@ -40,7 +41,7 @@ def _renormalise(z: Tensor, u: Tensor | None, log_scale: Tensor, *, fresh: bool 
     if z.numel() == 0:
         return Scaled(z, u, log_scale)
     m = z.amax()
-    if z.device.type == "cpu":
+    if _jacobians.reads_on_host(z):
         mf = float(m)
         if mf <= 0 or mf == 1.0 or mf != mf:
             return Scaled(z, u, log_scale)
@@ -64,7 +65,7 @@ def _is_fresh(t: Tensor | None, *inputs: Tensor | None) -> bool:
 
 def _cpu_scalar(w: Tensor) -> float | None:
     """The value of a 0-dim CPU weight as a number (None otherwise: no host read of a device tensor)."""
-    return float(w) if w.dim() == 0 and w.device.type == "cpu" else None
+    return float(w) if w.dim() == 0 and _jacobians.reads_on_host(w) else None
 
 
 def _neg_xlogx(s: float) -> float:
@@ -129,7 +130,7 @@ class ScaledSum(Semiring):
         return Scaled(value.z.to(dtype), None if value.u is None else value.u.to(dtype), value.log_scale)
 
     def plus(self, a: Scaled, b: Scaled) -> Scaled:
-        if a.log_scale.device.type == "cpu":  # scale factors as numbers: the larger side is taken as it is
+        if _jacobians.reads_on_host(a.log_scale):  # scale factors as numbers: the larger side is taken as it is
             la, lb = float(a.log_scale), float(b.log_scale)
             if la < lb:
                 a, b, la, lb = b, a, lb, la
