@@ -376,26 +376,36 @@ static bool run_block(const T* A, const T* B, T* C, int64_t* Cidx, int64_t k, in
   return bad != 0;
 }
 
-template <typename T, bool ARG, bool ABSB>
-static bool run_all(const T* A, const T* B, T* C, int64_t* Cidx, int64_t nbatch, int64_t m,
-                    int64_t k, int64_t n, int64_t sbb, int64_t sbk, int64_t sbn) {
+// Every (batch, MT_MC x MT_NC block) task, in parallel; each thread owns one scratch S.
+// block(bi, i0, i1, j0, j1, s) returns whether it saw a non-finite input.
+template <typename S, typename F>
+static bool for_each_block(int64_t nbatch, int64_t m, int64_t n, F&& block) {
   const int64_t mch = (m + MT_MC - 1) / MT_MC, nch = (n + MT_NC - 1) / MT_NC;
   const int64_t ntask = nbatch * mch * nch;
   std::atomic<bool> bad(false);
   at::parallel_for(0, ntask, 1, [&](int64_t beg, int64_t end) {
-    Scratch<T> s;
+    S s;
     bool local = false;
     for (int64_t t = beg; t < end; ++t) {
       const int64_t bi = t / (mch * nch), rem = t % (mch * nch);
       const int64_t ic = rem / nch, jc = rem % nch;
       const int64_t i0 = ic * MT_MC, i1 = std::min<int64_t>(m, i0 + MT_MC);
       const int64_t j0 = jc * MT_NC, j1 = std::min<int64_t>(n, j0 + MT_NC);
-      local |= run_block<T, ARG, ABSB>(A + bi * m * k, B + bi * sbb, C + bi * m * n,
-                                       ARG ? Cidx + bi * m * n : nullptr, k, n, sbk, sbn, i0, i1, j0, j1, s);
+      local |= block(bi, i0, i1, j0, j1, s);
     }
     if (local) bad.store(true);
   });
   return bad.load();
+}
+
+template <typename T, bool ARG, bool ABSB>
+static bool run_all(const T* A, const T* B, T* C, int64_t* Cidx, int64_t nbatch, int64_t m,
+                    int64_t k, int64_t n, int64_t sbb, int64_t sbk, int64_t sbn) {
+  return for_each_block<Scratch<T>>(nbatch, m, n, [&](int64_t bi, int64_t i0, int64_t i1, int64_t j0,
+                                                      int64_t j1, Scratch<T>& s) {
+    return run_block<T, ARG, ABSB>(A + bi * m * k, B + bi * sbb, C + bi * m * n,
+                                   ARG ? Cidx + bi * m * n : nullptr, k, n, sbk, sbn, i0, i1, j0, j1, s);
+  });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -510,23 +520,11 @@ static bool run_block_pair(const T* Ah, const T* Al, const T* B, T* Ch, T* Cl, i
 template <typename T>
 static bool run_all_pair(const T* Ah, const T* Al, const T* B, T* Ch, T* Cl, int64_t nbatch, int64_t m,
                          int64_t k, int64_t n, int64_t sbb, int64_t sbk, int64_t sbn) {
-  const int64_t mch = (m + MT_MC - 1) / MT_MC, nch = (n + MT_NC - 1) / MT_NC;
-  const int64_t ntask = nbatch * mch * nch;
-  std::atomic<bool> bad(false);
-  at::parallel_for(0, ntask, 1, [&](int64_t beg, int64_t end) {
-    PairScratch<T> s;
-    bool local = false;
-    for (int64_t t = beg; t < end; ++t) {
-      const int64_t bi = t / (mch * nch), rem = t % (mch * nch);
-      const int64_t ic = rem / nch, jc = rem % nch;
-      const int64_t i0 = ic * MT_MC, i1 = std::min<int64_t>(m, i0 + MT_MC);
-      const int64_t j0 = jc * MT_NC, j1 = std::min<int64_t>(n, j0 + MT_NC);
-      local |= run_block_pair<T>(Ah + bi * m * k, Al + bi * m * k, B + bi * sbb, Ch + bi * m * n,
-                                 Cl + bi * m * n, k, n, sbk, sbn, i0, i1, j0, j1, s);
-    }
-    if (local) bad.store(true);
+  return for_each_block<PairScratch<T>>(nbatch, m, n, [&](int64_t bi, int64_t i0, int64_t i1, int64_t j0,
+                                                          int64_t j1, PairScratch<T>& s) {
+    return run_block_pair<T>(Ah + bi * m * k, Al + bi * m * k, B + bi * sbb, Ch + bi * m * n, Cl + bi * m * n, k,
+                             n, sbk, sbn, i0, i1, j0, j1, s);
   });
-  return bad.load();
 }
 
 }  // namespace
