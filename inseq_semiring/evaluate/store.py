@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from ..errors import InvalidInputError
+from ..output_files import atomic_output
 
 __all__ = ["Store", "SettingsMismatchError", "write_atomic"]
 
@@ -31,16 +30,10 @@ class SettingsMismatchError(InvalidInputError):
 
 
 def write_atomic(path: Path, writer) -> None:
-    """``writer(tmp_path)`` then rename onto ``path``."""
+    """``writer(tmp_path)`` then rename onto ``path`` (:func:`~inseq_semiring.output_files.atomic_output`)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        writer(Path(tmp))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_output(path) as tmp:
+        writer(tmp)
 
 
 def _key(example_id: str) -> str:
@@ -69,7 +62,7 @@ class Store:
             raise SettingsMismatchError("the output folder is not empty and holds no evaluation (settings.json)",
                                         where=str(self.out), fix="give a new or empty folder, or --overwrite")
         self.out.mkdir(parents=True, exist_ok=True)
-        for stale in self.out.rglob(".*.tmp*"):
+        for stale in self.out.rglob(".*.partial-*"):  # atomic_output's temporary names
             stale.unlink(missing_ok=True)
         write_atomic(path, lambda p: p.write_text(json.dumps(settings, indent=1, sort_keys=True)))
 
