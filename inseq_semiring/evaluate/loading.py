@@ -48,11 +48,10 @@ def load_model(name: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32):
         raise InvalidInputError(f"cannot load {name!r} as a {kind} model ({' '.join(str(e).split())[:200]})",
                                 where="--model") from e
     tok = None
-    if os.path.isdir(name) and not any(os.path.exists(os.path.join(name, f)) for f in
-                                       ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt",
-                                        "spiece.model", "tokenizer.model")):
-        tok = None
-    else:
+    has_tokenizer_files = any(os.path.exists(os.path.join(name, f)) for f in
+                              ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt", "spiece.model",
+                               "tokenizer.model"))
+    if not os.path.isdir(name) or has_tokenizer_files:
         try:
             tok = AutoTokenizer.from_pretrained(name)
         except (OSError, ValueError, KeyError, TypeError):
