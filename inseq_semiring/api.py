@@ -170,3 +170,29 @@ def semiring_backward(
     ``decomposition``, ``model``, ``custom_functions``: see :func:`run`."""
     return run(fn, inputs, semiring, sign=sign, granularity=granularity, decomposition=decomposition, model=model,
                custom_functions=custom_functions).values
+
+
+def sweep_tape(
+    tape: Tape,
+    inputs: torch.Tensor | Sequence[torch.Tensor],
+    semiring: str = "gradient",
+    *,
+    sign: str = "abs",
+    granularity: str = "scalar",
+    backpointers: bool = False,
+    rules: RuleSet = DEFAULT_RULES,
+) -> SemiringResult:
+    """The sweep of :func:`run` alone, on a tape already recorded from ``inputs`` (no forward pass); with the
+    tape's plan (``tape.plan``, set when the recording matched one) as :func:`run` would replay it. For measuring
+    the sweep on its own (``benchmarks/bench_sweep.py``); the same values as :func:`run`, bit for bit."""
+    ring = make_semiring(semiring, sign=sign, granularity=granularity, backpointers=backpointers)
+    inputs = _check_inputs(inputs)
+    _check_root(tape)
+    trail: dict[int, Any] = {}
+    replay = tape.plan
+    with torch.no_grad(), sweep_scope({} if replay is None else replay.memo()):
+        env = sweep(tape, ring, ring.seed(tape.root), rules=rules, on_complete=trail.__setitem__ if backpointers
+                    else None, plan_rules=None if replay is None else replay.rules)
+        raw = tuple(env.get(tid) for tid in tape.input_ids)
+        values = tuple(ring.finalize(r, x) for r, x in zip(raw, inputs))
+    return SemiringResult(values, raw, tape, ring, trail)
