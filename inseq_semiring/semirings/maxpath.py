@@ -22,6 +22,7 @@ value accumulated first wins, i.e. the consumer that ran *last* in the forward p
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 import torch
@@ -29,7 +30,7 @@ from torch import Tensor
 
 from ..errors import InvalidInputError
 from ..kernels.maxtimes import max_min_pair, max_times
-from ..rules.jacobians import IndexMap, LayerNormRow, MatMul, Pointwise, Reduction, RowDense
+from ..rules.jacobians import IndexMap, LayerNormRow, MatMul, Pointwise, Reduction, RowDense, reads_on_host
 from .base import Semiring, _dense_chunks, _first_extreme, _scatter_max, amax_to_shape, linear_pull, max_pull
 from .base import abs_weight
 from .signed_rows import fast_signed_rowdense
@@ -94,9 +95,9 @@ class MaxPath(Semiring):
             return self._pull_vjp(kind, value, origin)
         if not self.signed:
             m, idx = max_pull(kind.map_weights(abs_weight), value.hi, index=self.backpointers)
-            return self._make(m, None, value.log_scale, idx, None, origin)
+            return self._make(m, None, value.log_scale, idx, None, origin, _keeps_scale(kind))
         hi, hi_idx, lo, lo_idx = _signed_pull(kind, value.hi, value.lo, index=self.backpointers)
-        return self._make(hi, lo, value.log_scale, hi_idx, lo_idx, origin)
+        return self._make(hi, lo, value.log_scale, hi_idx, lo_idx, origin, _keeps_scale(kind))
 
     def complete(self, value: MaxValue) -> MaxValue:
         return self._settle(value)
@@ -108,35 +109,38 @@ class MaxPath(Semiring):
         if self.scalar:
             return self.plus(a, b)
         fa, fb, top = _align(a, b)  # tensor granularity: the VJP sums inside an operator
-        lo = a.lo * fa + b.lo * fb if self.signed else None
-        return replace(a, hi=a.hi * fa + b.hi * fb, lo=lo, log_scale=top)
+        lo = _times(a.lo, fa) + _times(b.lo, fb) if self.signed else None
+        return replace(a, hi=_times(a.hi, fa) + _times(b.hi, fb), lo=lo, log_scale=top)
 
     def plus(self, a: MaxValue, b: MaxValue) -> MaxValue:
         a, b = self._settle(a), self._settle(b)
         fa, fb, top = _align(a, b)
-        ah, bh = a.hi * fa, b.hi * fb
+        ah, bh = _times(a.hi, fa), _times(b.hi, fb)
         if self.signed and not self.backpointers:  # the same values, no masks
-            return _renormalise(MaxValue(torch.maximum(ah, bh), torch.minimum(a.lo * fa, b.lo * fb), top))
+            return _renormalise(MaxValue(torch.maximum(ah, bh), torch.minimum(_times(a.lo, fa), _times(b.lo, fb)),
+                                         top))
         take_b = bh > ah
         hi = torch.where(take_b, bh, ah)
         hi_src = _select_src(take_b, b.hi_src, a.hi_src)
         lo = lo_src = None
         if self.signed:
-            al, bl = a.lo * fa, b.lo * fb
+            al, bl = _times(a.lo, fa), _times(b.lo, fb)
             take_b_lo = bl < al
             lo = torch.where(take_b_lo, bl, al)
             lo_src = _select_src(take_b_lo, b.lo_src, a.lo_src)
         return _renormalise(MaxValue(hi, lo, top, hi_src, lo_src))
 
     # -- internals --------------------------------------------------------------------------------------------
-    def _make(self, hi, lo, log_scale, hi_idx, lo_idx, origin) -> MaxValue:
+    def _make(self, hi, lo, log_scale, hi_idx, lo_idx, origin, keeps_scale: bool = False) -> MaxValue:
+        """The pulled value (``keeps_scale``: the pull only moved entries, so it is still normalised)."""
         hi_src = lo_src = None
         if self.backpointers:
             code = encode_origin(origin)
             hi_src = _src(hi, code, hi_idx, absent=(hi <= 0) if not self.signed else torch.isneginf(hi))
             if self.signed:
                 lo_src = _src(lo, code, lo_idx, absent=torch.isposinf(lo))
-        return _renormalise(MaxValue(hi, lo, log_scale, hi_src, lo_src))
+        value = MaxValue(hi, lo, log_scale, hi_src, lo_src)
+        return value if keeps_scale else _renormalise(value)
 
     def _pull_vjp(self, kind, value: MaxValue, origin) -> MaxValue:
         k = kind if self.signed else kind.map_weights(abs_weight)
@@ -159,9 +163,17 @@ class MaxPath(Semiring):
 
 
 def _src(m: Tensor, code: int, idx: Tensor, absent: Tensor) -> tuple[Tensor, Tensor]:
-    codes = torch.full(m.shape, code, dtype=torch.long, device=m.device)
-    codes = torch.where(absent, torch.full_like(codes, NO_PATH), codes)
-    return codes, torch.where(absent, torch.full_like(idx, NO_PATH), idx.to(torch.long))
+    """Back-pointers of a pull: ``(code, idx)`` where a value arrived, ``(NO_PATH, NO_PATH)`` where none did."""
+    codes = torch.full(m.shape, code, dtype=torch.long, device=m.device).masked_fill_(absent, NO_PATH)
+    return codes, torch.where(absent, NO_PATH, idx.to(torch.long))
+
+
+def _keeps_scale(kind) -> bool:
+    """Whether a pull through ``kind`` only moves entries, each output entry to one input entry, with weight 1
+    (an identity reshape, or an injective index map without missing entries): then the pulled value holds exactly
+    the output value's entries (plus empty ones: 0, or absent in the signed modes), so its largest magnitude is
+    the output's and renormalising it again would divide by 1 (every value is normalised once pulled or summed)."""
+    return isinstance(kind, IndexMap) and kind.weight == 1 and (kind.identity or (kind.injective and kind.all_valid))
 
 
 def _select_src(take_b, b, a):
@@ -171,12 +183,41 @@ def _select_src(take_b, b, a):
 
 
 def _align(a: MaxValue, b: MaxValue):
+    """``(exp(la - top), exp(lb - top), top)``, ``top = max(la, lb)``; on the CPU (scales read as numbers) the side
+    that holds ``top`` gets the number 1 (``exp(0)``), which callers skip multiplying by."""
+    if reads_on_host(a.log_scale):
+        la, lb = float(a.log_scale), float(b.log_scale)
+        if la == la and lb == lb:  # no NaN scale
+            if la >= lb:
+                return 1.0, (1.0 if la == lb else torch.exp(b.log_scale - a.log_scale).to(b.hi.dtype)), a.log_scale
+            return torch.exp(a.log_scale - b.log_scale).to(a.hi.dtype), 1.0, b.log_scale
     top = torch.maximum(a.log_scale, b.log_scale)
     return torch.exp(a.log_scale - top).to(a.hi.dtype), torch.exp(b.log_scale - top).to(b.hi.dtype), top
 
 
+def _times(x: Tensor, f) -> Tensor:
+    """``x * f`` (``f`` the number 1: ``x`` itself, the same values)."""
+    return x if isinstance(f, float) and f == 1.0 else x * f
+
+
 def _renormalise(v: MaxValue) -> MaxValue:
-    """Divide by the largest finite magnitude (folded into ``log_scale``)."""
+    """Divide by the largest finite magnitude (folded into ``log_scale``). On the CPU the magnitude is read as a
+    number first, and a largest magnitude of exactly 1 (or none) costs nothing more."""
+    if reads_on_host(v.hi):
+        if v.lo is None:
+            if not v.hi.numel():
+                return v
+            m = v.hi.amax()
+            mf = float(m)
+            if not (0 < mf < math.inf) or mf == 1.0:  # (NaN fails the first test)
+                return v
+        else:
+            m = _largest_magnitude(v.hi, v.lo)
+            mf = float(m)
+            if not mf > 0 or mf == 1.0:
+                return v
+        return MaxValue(v.hi / m, None if v.lo is None else v.lo / m, v.log_scale + torch.log(m.double()), v.hi_src,
+                        v.lo_src, v.raw)
     if v.lo is None:  # abs mode: values >= 0, absent = 0; an inf (an infinite local weight) is left unscaled
         m = v.hi.amax() if v.hi.numel() else v.hi.new_zeros(())
         m = torch.where((m > 0) & torch.isfinite(m), m, torch.ones_like(m))
@@ -192,6 +233,11 @@ def _largest_magnitude(hi: Tensor, lo: Tensor) -> Tensor:
     genuinely infinite value (an infinite local weight) needs the masked form."""
     if not hi.numel():
         return hi.new_zeros(())
+    if reads_on_host(hi):  # the two extremes as numbers: the larger one is the tensor to divide by
+        top, bottom = hi.amax(), lo.amin()
+        th, tl = float(top), -float(bottom)
+        if math.isfinite(th) and math.isfinite(tl):
+            return top if th >= tl else -bottom
     m = torch.maximum(hi.amax(), -lo.amin())
     if bool(torch.isfinite(m)):
         return m
