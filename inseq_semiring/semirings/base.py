@@ -183,8 +183,15 @@ def _matmul_scaled(kind: MatMul, z: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
         return z2, linear_pull(k_abs, u) + linear_pull(k_nlogn, z)
     n, k = kind.weight.shape
     zf, uf = z.reshape(-1, n), u.reshape(-1, n)
-    rows = (zf != 0).any(-1) | (uf != 0).any(-1) if skips_rows(z) else None
+    rows = None if not skips_rows(z) or _all_nonzero(zf) else (zf != 0).any(-1) | (uf != 0).any(-1)
     n_active = int(rows.sum()) if rows is not None else zf.shape[0]
+    shape = (*z.shape[:-1], k)
+    if n_active == zf.shape[0] and n_active:  # every row: the products are the results
+        if k_abs.entry_map is not None:
+            both, nlogn = mapped_mm_pair(torch.cat([zf, uf]), zf, kind.weight)
+        else:
+            both, nlogn = torch.cat([zf, uf]) @ k_abs.weight, zf @ k_nlogn.weight
+        return both[:n_active].reshape(shape), (both[n_active:] + nlogn).reshape(shape)
     out_z = z.new_zeros(zf.shape[0], k)
     out_u = torch.zeros_like(out_z)
     if n_active:
@@ -196,7 +203,6 @@ def _matmul_scaled(kind: MatMul, z: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
             both, nlogn = torch.cat([za, ua]) @ k_abs.weight, za @ k_nlogn.weight
         out_z[sel] = both[:za.shape[0]]
         out_u[sel] = both[za.shape[0]:] + nlogn
-    shape = (*z.shape[:-1], k)
     return out_z.reshape(shape), out_u.reshape(shape)
 
 
@@ -216,8 +222,14 @@ def _matmul_linear(kind: MatMul, a: Tensor) -> Tensor:
     return _active_rows(a.reshape(-1, n), product, k).reshape(*a.shape[:-1], k)
 
 
+def _all_nonzero(rows: Tensor) -> bool:
+    """Every entry nonzero (so every row carries a value): one reduction instead of a per-row test and a count
+    (CPU only, like every row skip)."""
+    return rows.shape[-1] > 0 and bool(rows.all())
+
+
 def _active_rows(rows: Tensor, product, width: int) -> Tensor:
-    if not skips_rows(rows):
+    if not skips_rows(rows) or _all_nonzero(rows):
         return product(rows)
     active = (rows != 0).any(-1)
     n_active = int(active.sum())
@@ -437,6 +449,8 @@ def _rows_active_max(a: Tensor, w: Tensor, entry_map=None, index: bool = True) -
             return mapped_max_times(x, w, entry_map, argmax=index)
         return max_times(x, w, argmax=True) if index else (max_times(x, w), None)
 
+    if skips_rows(a) and _all_nonzero(a):
+        return product(a)
     rows = (a != 0).any(-1)
     n_active = int(rows.sum())
     if n_active == a.shape[0]:
@@ -485,7 +499,7 @@ def _dense_chunks(kind: RowDense, flat: Tensor, rows: Tensor):
 
 def _live_rows(flat: Tensor) -> Tensor:
     """Indices of the rows that carry a value (all rows where :func:`skips_rows` is False)."""
-    if skips_rows(flat):
+    if skips_rows(flat) and not _all_nonzero(flat):
         return (flat != 0).any(-1).nonzero().flatten()
     return torch.arange(flat.shape[0], device=flat.device)
 
