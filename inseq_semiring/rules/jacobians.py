@@ -14,6 +14,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from .weight_cache import sweep_memo as _sweep_memo
+
 
 def reads_on_host(t: Tensor) -> bool:
     """Whether rules and pulls may read values of ``t`` on the host (a count, an all-valid flag) to skip work: on
@@ -111,15 +113,15 @@ class IndexMap:
     def map_weights(self, f: Callable[[Tensor], Tensor]) -> "IndexMap":
         """The map applied to the one weight; within a sweep each ``(f, weight)`` is evaluated once (the sweep's
         memo, :func:`~inseq_semiring.rules.weight_cache.sweep_memo`)."""
-        from .weight_cache import sweep_memo
-
-        memo = sweep_memo()
+        memo = _sweep_memo()
         key = ("scalar_map", f, self.weight)
         w = None if memo is None else memo.get(key)
         if w is None:
             w = float(f(torch.tensor(self.weight, dtype=torch.float64)))
             if memo is not None:
                 memo[key] = w
+        if w == self.weight and type(w) is type(self.weight):  # e.g. |1| = 1: the same map
+            return self
         return IndexMap(self.index, self.in_shape, w, self.injective, self.identity, self.shape, self.all_valid,
                         self.adjoint)
 

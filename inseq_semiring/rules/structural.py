@@ -140,6 +140,7 @@ def _adjoint(rec: OpRecord):
 
 
 _PERMUTATIONS = {aten.transpose.int, aten.t.default, aten.permute.default}
+_EXPAND = aten.expand.default
 
 
 #: id(operator) -> (injective, identity, permutation); an OpOverload hashes in Python, an id does not
@@ -156,8 +157,8 @@ def index_map(rec: OpRecord):
         if tid is None:
             continue
         x = rec.leaves[leaf]
-        if identity:
-            edges.append(Edge(0, leaf, IndexMap.reshape(x.shape, rec.outputs[0].shape)))
+        if identity or (rec.op is _EXPAND and x.shape == rec.outputs[0].shape):  # an expand to its own shape
+            edges.append(Edge(0, leaf, IndexMap.reshape(x.shape, rec.outputs[0].shape)))  # copies in order
             continue
         for slot, (idx, all_valid) in enumerate(_index_maps(rec, leaf)):
             if rec.output_ids[slot] is not None:
