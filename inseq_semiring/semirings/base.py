@@ -312,23 +312,30 @@ def max_pull(kind, a: Tensor, index: bool = True) -> tuple[Tensor, Tensor | None
         return _matmul_max(kind, a, index)
     if isinstance(kind, RowDense):
         if kind.u.shape[0] == 1 and kind.entry_map is abs_weight:
-            return _rank1_max(kind, a)
+            return _rank1_max(kind, a, index)
         return _rowdense_max(kind, a)
     if isinstance(kind, LayerNormRow):
         return _layernorm_max(kind, a, index)
     raise TypeError(f"unknown Jacobian kind {type(kind).__name__}")
 
 
-def _rank1_max(kind: RowDense, a: Tensor) -> tuple[Tensor, Tensor]:
-    """``max_i a_i |J_ij|`` for ``J = diag(d) + u v^T`` in O(n): the best and second-best ``a_i |u_i|``."""
+def _rank1_max(kind: RowDense, a: Tensor, index: bool = True) -> tuple[Tensor, Tensor | None]:
+    """``max_i a_i |J_ij|`` for ``J = diag(d) + u v^T`` in O(n): the best and second-best ``a_i |u_i|``.
+    ``index=False``: the values alone (the same: among equal candidates the choice does not change the value)."""
     uu, vv = kind.u[0], kind.v[0]
     n = a.shape[-1]
     t = a * uu.abs()
     best1, arg1 = _first_extreme(t, True)
     masked = t.scatter(-1, arg1.unsqueeze(-1), float("-inf"))
-    best2, arg2 = _first_extreme(masked, True)
     pos = torch.arange(n, device=a.device)
     is1 = pos == arg1.unsqueeze(-1)
+    if not index:
+        off_val = torch.where(is1, masked.amax(-1).unsqueeze(-1), best1.unsqueeze(-1)) * vv.abs()
+        if n == 1:
+            off_val = torch.full_like(a, float("-inf"))
+        diag_val = a * (kind.d + uu * vv).abs()
+        return torch.where(diag_val > off_val, diag_val, off_val), None
+    best2, arg2 = _first_extreme(masked, True)
     off_val = torch.where(is1, best2.unsqueeze(-1), best1.unsqueeze(-1)) * vv.abs()
     off_arg = torch.where(is1, arg2.unsqueeze(-1), arg1.unsqueeze(-1))
     if n == 1:
