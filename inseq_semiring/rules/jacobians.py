@@ -8,7 +8,7 @@ edges exist and carries their weights without ever materialising a dense Jacobia
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -168,18 +168,22 @@ class MatMul:
 
         if self.entry_map is not None:
             inner = self.entry_map
-            return replace(self, entry_map=lambda t: f(inner(t)))
+            return self._with(self.weight, lambda t: f(inner(t)))
         if self.static and will_cache(self.weight):
-            return replace(self, weight=cached_map(self.weight, f))
+            return self._with(cached_map(self.weight, f), None)
         if self.static and self.blockwise:
-            return replace(self, entry_map=f)
-        return replace(self, weight=f(self.weight))
+            return self._with(self.weight, f)
+        return self._with(f(self.weight), None)
 
     def mapped(self) -> "MatMul":
         """The same product with ``entry_map`` applied to the whole weight now."""
         if self.entry_map is None:
             return self
-        return replace(self, weight=self.entry_map(self.weight), entry_map=None)
+        return self._with(self.entry_map(self.weight), None)
+
+    def _with(self, weight: Tensor, entry_map) -> "MatMul":
+        """``dataclasses.replace(self, weight=..., entry_map=...)`` without its per-call field introspection."""
+        return MatMul(weight, self.left, self.in_shape, self.out_shape, self.static, self.mat_shapes, entry_map)
 
     def entry(self, j: int, i: int) -> float:
         jj = _flat_to_index(j, self.mat_in)

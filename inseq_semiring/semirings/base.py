@@ -435,10 +435,10 @@ def _matmul_max(kind: MatMul, a: Tensor, index: bool = True) -> tuple[Tensor, Te
         return vals.reshape(kind.in_shape), idx.reshape(kind.in_shape)
     a3 = a.reshape(-1, m, n)
     w3 = w.reshape(-1, *w.shape[-2:]).expand(a3.shape[0], -1, -1) if w.dim() > 2 else w.expand(a3.shape[0], -1, -1)
-    b = torch.arange(a3.shape[0], device=a.device).view(-1, 1, 1)
     if not index:
         vals = max_times(a3, w3) if kind.left else max_times(w3, a3)
         return vals.reshape(kind.in_shape), None
+    b = torch.arange(a3.shape[0], device=a.device).view(-1, 1, 1)
     if kind.left:  # a' [B, m, k] = max_c a[B, m, c] w[B, c, k]
         vals, col = max_times(a3, w3, argmax=True)
         idx = (b * m + torch.arange(m, device=a.device).view(1, -1, 1)) * n + col
