@@ -104,7 +104,10 @@ class IndexMap:
 
     @classmethod
     def reshape(cls, in_shape, out_shape) -> "IndexMap":
-        return cls(None, torch.Size(in_shape), injective=True, identity=True, shape=torch.Size(out_shape))
+        m = object.__new__(cls)  # the frozen dataclass's fields, set without its per-field __setattr__
+        m.__dict__.update(index=None, in_shape=torch.Size(in_shape), weight=1.0, injective=True, identity=True,
+                          shape=torch.Size(out_shape), all_valid=False, adjoint=None)
+        return m
 
     @property
     def out_shape(self) -> torch.Size:

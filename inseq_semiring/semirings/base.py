@@ -365,8 +365,7 @@ def _scatter_max(kind: IndexMap, a: Tensor, largest: bool = True, empty: float =
                  index: bool = True) -> tuple[Tensor, Tensor | None]:
     n_in = _numel(kind.in_shape)
     if kind.identity:
-        return a.reshape(kind.in_shape), (torch.arange(a.numel(), device=a.device).reshape(kind.in_shape)
-                                          if index else None)
+        return a.reshape(kind.in_shape), (_arange(a.numel(), a.device).reshape(kind.in_shape) if index else None)
     where = kind.index.reshape(-1)
     src = a.reshape(-1)
     if not skips_rows(a):  # off the CPU: no host read of the index (same maxima and winners)
@@ -509,6 +508,20 @@ def _live_rows(flat: Tensor) -> Tensor:
     if skips_rows(flat) and not _all_nonzero(flat):
         return (flat != 0).any(-1).nonzero().flatten()
     return torch.arange(flat.shape[0], device=flat.device)
+
+
+def _arange(n: int, device) -> Tensor:
+    """``torch.arange(n)``, made once per sweep and size (the sweep's memo); callers never write into it."""
+    from ..rules.weight_cache import sweep_memo
+
+    memo = sweep_memo()
+    if memo is None:
+        return torch.arange(n, device=device)
+    key = ("arange", n, device)
+    out = memo.get(key)
+    if out is None:
+        out = memo[key] = torch.arange(n, device=device)
+    return out
 
 
 def _numel(shape) -> int:
