@@ -366,6 +366,8 @@ def _scatter_max(kind: IndexMap, a: Tensor, largest: bool = True, empty: float =
     n_in = _numel(kind.in_shape)
     if kind.identity:
         return a.reshape(kind.in_shape), (_arange(a.numel(), a.device).reshape(kind.in_shape) if index else None)
+    if kind.adjoint is not None and a.dim() == kind.index.dim():  # a bijection: every input gets its one copy
+        return kind.adjoint(a), (kind.adjoint(_arange(a.numel(), a.device).reshape(a.shape)) if index else None)
     where = kind.index.reshape(-1)
     src = a.reshape(-1)
     if not skips_rows(a):  # off the CPU: no host read of the index (same maxima and winners)
