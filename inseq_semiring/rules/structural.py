@@ -84,15 +84,20 @@ def _index_call(rec: OpRecord, leaf: int) -> list:
     return tree_flatten(out)[0]
 
 
+#: Operators whose other floating tensors enter an index map by their shapes only (:func:`_index_call` puts ``-1``
+#: tensors of their shapes in their place): their maps are memoised with those shapes in the key.
+_SHAPES_ONLY = {aten.cat.default, aten.stack.default}
+
+
 def _memo_key(rec: OpRecord, leaf: int):
     """What an index map depends on when the leaf is the call's only tensor: the op, the leaf's shape and strides,
-    the other (non-tensor) arguments. ``None`` (no memo) when another tensor takes part or an argument is
-    unhashable."""
+    the other (non-tensor) arguments; for :data:`_SHAPES_ONLY` operators also the other floating tensors' shapes and
+    strides. ``None`` (no memo) when another tensor takes part by its values or an argument is unhashable."""
     flat = flat_leaves((rec.args, rec.kwargs))
     parts = []
     for i, x in enumerate(flat):
         if isinstance(x, torch.Tensor):
-            if i != leaf:
+            if i != leaf and not (rec.op in _SHAPES_ONLY and x.is_floating_point()):
                 return None
             parts.append((tuple(x.shape), x.stride() if x.dim() else ()))
         else:
