@@ -207,3 +207,31 @@ def test_concurrent_compiled_calls_give_the_sequential_results():
     for i in range(4):
         for values in got[i]:
             _same(values, expected[i], f"thread {i}")
+
+
+@pytest.mark.parametrize("kv_heads", [2, 1])
+def test_sdpa_attention_takes_other_branches_under_dynamo_and_is_refused(kv_heads):
+    """Under TorchDynamo, Hugging Face's SDPA attention takes other branches than in eager mode (``repeat_kv`` in
+    Python instead of SDPA's ``enable_gqa``; an additive float mask instead of a boolean one, which the recorder's
+    SDPA decomposition turns into ``where``): another graph, with other edges. The check must refuse it and the
+    results must be the recorded ones."""
+    import transformers as tf
+
+    cfg = tf.LlamaConfig(vocab_size=40, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=kv_heads, max_position_embeddings=32)
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    model = tf.LlamaForCausalLM(cfg).eval()
+    emb = torch.randn(1, 5, 8)
+
+    def root(e):
+        return torch.log_softmax(model(inputs_embeds=e, use_cache=False).logits[0, -1], -1)[3]
+
+    _quiet_run(root, emb, "entropy", model=model, compile=True)
+    replay = _quiet_run(root, emb, "entropy", model=model, compile=True)
+    recorded = isr.run(root, emb, "entropy", model=model, plans=False)
+    _same(replay.values, recorded.values)
+    assert any(rec.decomposed_from is not None for rec in recorded.tape.records)  # SDPA was split
+    assert replay.tape.forward == "recorded"
+    expected = "aten.reshape.default" if kv_heads == 1 else "aten.where.self"
+    assert f"where the model ran {expected}" in compiled.refused(model, root)
