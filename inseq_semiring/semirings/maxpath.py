@@ -29,6 +29,7 @@ from torch import Tensor
 
 from ..errors import InvalidInputError
 from ..kernels.maxtimes import max_min_pair, max_times
+from ..rules import jacobians as _jacobians
 from ..rules.jacobians import IndexMap, LayerNormRow, MatMul, Pointwise, Reduction, RowDense
 from .base import Semiring, _dense_chunks, _first_extreme, _scatter_max, amax_to_shape, linear_pull, max_pull
 from .base import abs_weight
@@ -192,6 +193,8 @@ def _largest_magnitude(hi: Tensor, lo: Tensor) -> Tensor:
     genuinely infinite value (an infinite local weight) needs the masked form."""
     if not hi.numel():
         return hi.new_zeros(())
+    if not _jacobians.reads_on_host(hi):  # off the CPU: the masked form, which equals the fast one wherever that applies
+        return torch.stack([x.masked_fill(~torch.isfinite(x), 0).abs().amax() for x in (hi, lo)]).amax()
     m = torch.maximum(hi.amax(), -lo.amin())
     if bool(torch.isfinite(m)):
         return m
