@@ -1,12 +1,12 @@
-"""No host synchronisation inside the sweep off the CPU (gradient, flow, entropy, maxpath except scalar signed).
+"""No host synchronisation inside the sweep off the CPU (gradient, flow, entropy, maxpath in every mode).
 
 On CUDA (skipped without a GPU): the sweep of a replayed plan runs under ``torch.cuda.set_sync_debug_mode("error")``.
 On the CPU the same code paths are checked by forcing the device branch (``reads_on_host`` False) and running the sweep
 under a dispatch mode that refuses every operator that reads a device value on the host (``_local_scalar_dense``:
 ``.item()``, ``bool(t)``, ``int(t)``; ``nonzero`` and boolean-mask indexing); the results must equal the CPU path's.
-Maxpath is covered in the abs mode (scalar, with and without back-pointers) and at tensor granularity (abs and signed,
-with back-pointers), and the torch backend of the max-times kernel (the CUDA fallback when Triton is missing); the
-scalar signed modes (``sign="positive"`` / ``"negative"``) still read reachability counts on the host.
+Maxpath is covered in the abs and signed modes, at scalar and tensor granularity, with and without back-pointers (the
+winning edges must be the CPU's too), plus the torch backend of the max-times kernel (the CUDA fallback without
+Triton) and the signed matrix-product pulls on offers built to make a zero-substituted kernel wrong.
 """
 
 from __future__ import annotations
@@ -29,7 +29,9 @@ MODES = {**{name: (name, {}) for name in SEMIRINGS}, "maxpath": ("maxpath", {}),
          "maxpath back-pointers": ("maxpath", {"backpointers": True}),
          "maxpath tensor": ("maxpath", {"granularity": "tensor"}),
          "maxpath tensor positive back-pointers": ("maxpath", {"granularity": "tensor", "sign": "positive",
-                                                               "backpointers": True})}
+                                                               "backpointers": True}),
+         "maxpath positive": ("maxpath", {"sign": "positive"}),
+         "maxpath negative back-pointers": ("maxpath", {"sign": "negative", "backpointers": True})}
 _READS = {aten._local_scalar_dense.default, aten.nonzero.default, aten.masked_select.default, aten.is_nonzero.default,
           aten.item.default}
 
@@ -70,6 +72,7 @@ def _replayed(case, semiring, x, **options):
 
 
 def _sweep(res, x, mode=None):
+    """``(values per input, back-pointers per node or None)`` of one sweep of ``res``'s tape with its plan."""
     tape, ring, plan = res.tape, res.semiring, res.tape.plan
     trail = {} if getattr(ring, "backpointers", False) else None  # back-pointers kept, as run() keeps them
     keep = None if trail is None else trail.__setitem__
@@ -77,9 +80,13 @@ def _sweep(res, x, mode=None):
         if mode is not None:
             with mode:
                 env = sweep(tape, ring, ring.seed(tape.root), plan_rules=plan.rules, on_complete=keep)
-                return [ring.finalize(env.get(t), like) for t, like in zip(tape.input_ids, x)]
-        env = sweep(tape, ring, ring.seed(tape.root), plan_rules=plan.rules, on_complete=keep)
-        return [ring.finalize(env.get(t), like) for t, like in zip(tape.input_ids, x)]
+                out = [ring.finalize(env.get(t), like) for t, like in zip(tape.input_ids, x)]
+        else:
+            env = sweep(tape, ring, ring.seed(tape.root), plan_rules=plan.rules, on_complete=keep)
+            out = [ring.finalize(env.get(t), like) for t, like in zip(tape.input_ids, x)]
+    # back-pointers (maxpath with backpointers=True): the winning edge and element of every node
+    pointers = None if trail is None else {tid: list((v.hi_src or ()) + (v.lo_src or ())) for tid, v in trail.items()}
+    return out, pointers
 
 
 @pytest.mark.parametrize("mode", list(MODES))
@@ -88,14 +95,18 @@ def test_the_device_branch_reads_nothing_on_the_host_and_gives_the_cpu_numbers(n
     semiring, options = MODES[mode]
     case = tm.build(name)
     res = _replayed(case, semiring, case.inputs, **options)
-    want = _sweep(res, case.inputs)
+    want, pointers = _sweep(res, case.inputs)
     with pytest.raises(AssertionError, match="host read|boolean-mask"):  # the CPU branch does read: the check works
         _sweep(res, case.inputs, _NoHostReads())
     monkeypatch.setattr(jacobians, "reads_on_host", lambda t: False)
     res = _replayed(case, semiring, case.inputs, **options)  # a plan built with the device branch
-    got = _sweep(res, case.inputs, _NoHostReads())
+    got, got_pointers = _sweep(res, case.inputs, _NoHostReads())
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12 * float(w.abs().max()))
+    if options.get("backpointers"):  # the same winning edges and elements at every node
+        assert pointers.keys() == got_pointers.keys()
+        for tid, srcs in pointers.items():
+            assert all(torch.equal(a, b) for a, b in zip(srcs, got_pointers[tid])), tid
 
 
 def test_the_layer_norm_core_fallback_reads_nothing_on_the_host(monkeypatch):
@@ -154,7 +165,7 @@ def test_no_host_synchronisation_in_the_cuda_sweep(name, mode):
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
         try:
-            got = _sweep(res, x)
+            got, _ = _sweep(res, x)
         finally:
             torch.cuda.set_sync_debug_mode(0)
         want = isr.run(case.fn, tuple(t.cpu() for t in x), semiring, plans=False, **options).values
@@ -162,3 +173,48 @@ def test_no_host_synchronisation_in_the_cuda_sweep(name, mode):
             torch.testing.assert_close(g.cpu(), w, rtol=1e-9, atol=1e-9 * float(w.abs().max()))
     finally:
         model.to("cpu")
+
+
+def _signed_offers(shape, gen, dead=(), partial_frac=0.4):
+    """Signed (M+, M-) offers with absent elements (-inf, +inf): whole slices dead, others partly reachable, values
+    of both signs (where a zero-substituted kernel would be wrong)."""
+    lo = torch.randn(shape, generator=gen, dtype=torch.float64)
+    hi = lo + torch.rand(shape, generator=gen, dtype=torch.float64)
+    absent = torch.rand(shape, generator=gen) < partial_frac
+    for index in dead:
+        absent[index] = True
+    return hi.masked_fill(absent, float("-inf")), lo.masked_fill(absent, float("inf"))
+
+
+@pytest.mark.parametrize("index", [True, False])
+@pytest.mark.parametrize("case", ["rows", "batched left", "batched right", "mostly dead"])
+def test_signed_matmul_pulls_off_the_cpu_equal_the_cpu_ones(case, index, monkeypatch):
+    """The scalar signed max-path pulls through matrix products: the device branch (every row through the kernels,
+    every output also exactly from the masked candidates, masks choosing) gives the CPU branch's values and winners
+    (dead rows skipped, partly reachable slices redone where the zero-substituted kernels can be wrong)."""
+    from inseq_semiring.rules.jacobians import MatMul
+    from inseq_semiring.semirings.maxpath import _signed_pull
+
+    gen = torch.Generator().manual_seed(3)
+    if case == "rows":
+        kind = MatMul(torch.randn(6, 5, generator=gen, dtype=torch.float64), True, torch.Size([7, 5]),
+                      torch.Size([7, 6]))
+        hi, lo = _signed_offers((7, 6), gen, dead=[2, 5])
+    elif case in ("batched left", "mostly dead"):
+        kind = MatMul(torch.randn(3, 6, 5, generator=gen, dtype=torch.float64), True, torch.Size([3, 4, 5]),
+                      torch.Size([3, 4, 6]))
+        dead = [(0, 1), (2, 3)] if case == "batched left" else [(0, 0), (0, 1), (0, 3), (1, 0), (1, 2), (1, 3),
+                                                                  (2, 0), (2, 1), (2, 2)]
+        hi, lo = _signed_offers((3, 4, 6), gen, dead=dead)
+    else:
+        kind = MatMul(torch.randn(3, 5, 4, generator=gen, dtype=torch.float64), False, torch.Size([3, 5, 6]),
+                      torch.Size([3, 4, 6]))
+        hi, lo = _signed_offers((3, 4, 6), gen, dead=[(0, slice(None), 1), (2, slice(None), 4)])
+    want = _signed_pull(kind, hi, lo, index=index)
+    monkeypatch.setattr(jacobians, "reads_on_host", lambda t: False)
+    with _NoHostReads():
+        got = _signed_pull(kind, hi, lo, index=index)
+    for g, w in zip(got, want):
+        assert (g is None) == (w is None)
+        if w is not None:
+            assert torch.equal(g, w)
