@@ -10,6 +10,9 @@ record. ``recording``: the share of the figure spent recording (the forward pass
 plan of the shape, timed on its own in the same rounds); for the autograd row, the share of its forward pass. The
 "floor" row is the forward pass under a dispatch mode that only calls through: no recording can cost less. Rows
 marked "one-off path" run without plans (``plans=False``: every call records, looks up and plans from scratch).
+Rows marked "compiled forward" run with ``compile=True``: the forward is captured once by TorchDynamo, checked against
+the recorded tape, and replayed without the dispatch mode (:mod:`inseq_semiring.graph.compiled`); their recording
+share is the replayed forward's ("compiled forward alone" row), which includes Dynamo's guard check.
 Methods are timed round-robin (one call of each per round), so that load changes hit every row alike.
 
     python benchmarks/bench_overhead.py [--tokens 16] [--repeats 5] [--threads 1]
@@ -40,6 +43,11 @@ METHODS = [
      {"sign": "negative", "granularity": "tensor", "backpointers": True}),
     ("gradient, one-off path", "gradient", {"plans": False}),
     ("entropy, one-off path", "entropy", {"plans": False}),
+    ("gradient, compiled forward", "gradient", {"compile": True}),
+    ("flow, compiled forward", "flow", {"compile": True}),
+    ("entropy, compiled forward", "entropy", {"compile": True}),
+    ("maxpath abs, compiled forward", "maxpath", {"compile": True}),
+    ("maxpath abs + back-pointers, compiled forward", "maxpath", {"backpointers": True, "compile": True}),
 ]
 
 
@@ -108,6 +116,26 @@ def recording(model, emb, root):
     return go
 
 
+def compiled_forward(model, emb, root):
+    """One replayed forward (``compile=True``'s part of a call before the sweep), with the shape's plan."""
+    from inseq_semiring import plan as plans
+    from inseq_semiring.decompositions import resolve
+    from inseq_semiring.graph.compiled import record_compiled
+    from inseq_semiring.graph.model_state import attribution_mode
+    from inseq_semiring.rules.registry import DEFAULT_RULES
+
+    decomposition = resolve(None)
+
+    def go():
+        plan = plans.PLANS.get(model, plans.key((emb,), DEFAULT_RULES, decomposition, "error"))
+        with attribution_mode(model):
+            tape = record_compiled(root, (emb,), model=model, decomposition=decomposition, plan=plan)
+        assert tape.forward == "compiled" or tape.plan is None
+        return tape
+
+    return go
+
+
 def empty_mode_forward(emb, root):
     """The floor of any recording: the forward pass (grad mode on) under a dispatch mode that only calls through."""
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -165,18 +193,23 @@ def main() -> None:
         fns = {name: (lambda s=semiring, o=options: call(model, emb, root, s, o))
                for name, semiring, options in METHODS}
         fns["<recording>"] = recording(model, emb, root)
+        fns["<compiled>"] = compiled_forward(model, emb, root)
         fns["<forward>"] = forward_only(emb, root)
         fns["<empty mode>"] = empty_mode_forward(emb, root)
         times = median_times(fns, args.repeats)
         base = times["autograd.grad"][0]
-        for name, semiring, _ in METHODS:
+        for name, semiring, options in METHODS:
             cpu, wall = times[name]
-            part = times["<forward>" if semiring is None else "<recording>"][0]
+            part = times["<forward>" if semiring is None else
+                         "<compiled>" if options.get("compile") else "<recording>"][0]
             print(f"| {label} | {records} | {name} | {cpu * 1e3:.1f} | {cpu / base:.2f} | {cpu * 1e6 / records:.1f} "
                   f"| {100 * part / cpu:.0f}% | {wall * 1e3:.1f} |", flush=True)
         print(f"| {label} | {records} | recording alone | {times['<recording>'][0] * 1e3:.1f} | "
               f"{times['<recording>'][0] / base:.2f} | {times['<recording>'][0] * 1e6 / records:.1f} | 100% | "
               f"{times['<recording>'][1] * 1e3:.1f} |", flush=True)
+        comp = times["<compiled>"]
+        print(f"| {label} | {records} | compiled forward alone | {comp[0] * 1e3:.1f} | {comp[0] / base:.2f} | "
+              f"{comp[0] * 1e6 / records:.1f} | 100% | {comp[1] * 1e3:.1f} |", flush=True)
         floor = times["<empty mode>"]
         print(f"| {label} | {records} | forward under an empty dispatch mode (floor) | {floor[0] * 1e3:.1f} | "
               f"{floor[0] / base:.2f} | {floor[0] * 1e6 / records:.1f} | - | {floor[1] * 1e3:.1f} |", flush=True)

@@ -16,7 +16,11 @@ cache of whole mapped weights (``INSEQ_SEMIRING_WEIGHT_CACHE_MB=3072``, warm) an
 The signed max-path rows (``sign="positive"`` / ``"negative"``, scalar, and tensor granularity with back-pointers)
 have no target against the gradient; their target is against the abs mode (``benchmarks/bench_signed_maxpath.py``).
 
-    python benchmarks/bench_vs_gradient.py [--tokens 16 64 256] [--layers 12] [--repeats 3] [--threads 1]
+``--compile``: every method runs with ``model=model, compile=True`` (the forward captured once by TorchDynamo and
+replayed without the dispatch mode, :mod:`inseq_semiring.graph.compiled`); the recording columns then time that
+replayed forward (``record_compiled``) instead.
+
+    python benchmarks/bench_vs_gradient.py [--tokens 16 64 256] [--layers 12] [--repeats 3] [--threads 1] [--compile]
 """
 
 from __future__ import annotations
@@ -43,6 +47,8 @@ METHODS = [("gradient", "gradient", {}), ("flow", "flow", {}), ("entropy", "entr
             {"sign": "negative", "granularity": "tensor", "backpointers": True})]
 #: Issue 11's time targets (x one autograd.grad) at 64 tokens; at other lengths 0.3 more.
 TARGETS = {"gradient": 1.15, "flow": 1.3, "entropy": 2.0, "maxpath": 1.6}
+#: --compile: keyword arguments every method call gets (set in main / child)
+RUN_OPTIONS: dict = {}
 
 
 def target_for(name: str, tokens: int) -> float | None:
@@ -81,13 +87,19 @@ def one_call(name: str, model, root, emb):
         e = emb.clone().requires_grad_(True)
         return torch.autograd.grad(root(e), e)[0]
     semiring, opts = {label: (ring, o) for label, ring, o in METHODS}[name]
-    return isr.run(root, emb, semiring, **opts).values[0]
+    extra = dict(RUN_OPTIONS, model=model) if RUN_OPTIONS else {}
+    return isr.run(root, emb, semiring, **opts, **extra).values[0]
 
 
 def record_only(model, root, emb):
-    """The recording part of every semiring call: the forward pass under the dispatch mode (no sweep)."""
+    """The recording part of every semiring call: the forward pass under the dispatch mode (no sweep), or with
+    --compile the replayed forward."""
     from inseq_semiring.graph.recorder import record
 
+    if RUN_OPTIONS.get("compile"):
+        from inseq_semiring.graph.compiled import record_compiled
+
+        return record_compiled(root, [emb], model=model)
     return record(root, [emb])
 
 
@@ -120,7 +132,8 @@ CACHE_MB = "3072"
 def peak_memory(name: str, tokens: int, layers: int, device: str, threads: int) -> dict:
     """Peak extra memory (MiB) of a first call, in a fresh subprocess (default settings: no mapped-weight cache)."""
     env = {k: v for k, v in os.environ.items() if k != "INSEQ_SEMIRING_WEIGHT_CACHE_MB"}
-    out = subprocess.run([sys.executable, __file__, "--child", name, "--tokens", str(tokens), "--layers",
+    out = subprocess.run([sys.executable, __file__, "--child", name, *(["--compile"] if RUN_OPTIONS else []),
+                          "--tokens", str(tokens), "--layers",
                           str(layers), "--device", device, "--threads", str(threads)],
                          capture_output=True, text=True, check=True, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -179,6 +192,8 @@ def child(args) -> None:
     before_libs = _rss_bytes()
     load_kernels()  # not part of a call's memory: once per process, for every method alike
     libs = (_rss_bytes() - before_libs) / 2**20
+    if RUN_OPTIONS and args.child != "autograd":
+        one_call(args.child, model, root, emb)  # the capture call: the measured call is a replay
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
@@ -205,8 +220,11 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--no-memory", action="store_true")
     ap.add_argument("--methods", nargs="+", default=None, help="only these rows (labels in METHODS; autograd always)")
+    ap.add_argument("--compile", action="store_true", help="run every method with compile=True (see above)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.compile:
+        RUN_OPTIONS["compile"] = True
     if args.child:
         return child(args)
     torch.set_num_threads(args.threads)
@@ -214,7 +232,7 @@ def main() -> None:
     from inseq_semiring.kernels.maxtimes import active_backend
 
     print(f"# GPT-2-small-shaped random model, {args.layers} layers, device={args.device}, threads={args.threads}, "
-          f"max-times backend={active_backend(args.device)}")
+          f"max-times backend={active_backend(args.device)}{', compile=True' if args.compile else ''}")
     print("| tokens | method | seconds | × autograd | target | extra peak MiB | × autograd | process peak MiB | "
           "× autograd | recording s | recording share | opt-in weight cache: seconds | × autograd | cache MiB |")
     print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")

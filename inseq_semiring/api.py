@@ -22,6 +22,7 @@ from . import plan as _plan
 from . import rules as _rules  # noqa: F401  (fills the rule table)
 from .decompositions import Decomposition, resolve
 from .errors import InvalidInputError
+from .graph.compiled import record_compiled
 from .graph.model_state import attribution_mode
 from .graph.recorder import record
 from .graph.tape import Tape
@@ -110,6 +111,7 @@ def run(
     decomposition: str | Decomposition | None = None,
     custom_functions: str = "error",
     plans: bool = True,
+    compile: bool = False,
 ) -> SemiringResult:
     """Record ``fn(*inputs)`` (or reuse ``tape``) and sweep it once with the named semiring.
 
@@ -123,19 +125,25 @@ def run(
     registered rule (:func:`~inseq_semiring.rules.registry.function_rule`) raises (``"error"``, the default) or has
     its forward operators differentiated, with a warning (``"forward"``). ``plans`` (with ``model``): reuse the
     structure of an earlier call of the same input shapes (:mod:`~inseq_semiring.plan`; same results, bit for bit);
-    False: always the one-off path.
+    False: always the one-off path. ``compile`` (with ``model``): capture the forward once with TorchDynamo and
+    replay its operators without the recorder while Dynamo's guards hold (:mod:`~inseq_semiring.graph.compiled`;
+    same results, bit for bit; a forward it cannot replay faithfully is recorded, with a warning).
     """
     ring = make_semiring(semiring, sign=sign, granularity=granularity, backpointers=backpointers)
     inputs = _check_inputs(inputs)
     plan_key = plan = None
+    if compile and (model is None or tape is not None):
+        raise InvalidInputError("compile=True needs the model (model=...) and no given tape", where="run(compile=True)",
+                                fix="pass model=<the model fn runs>, or leave compile out")
     if tape is None:
         if model is not None and plans:
             decomposition = resolve(decomposition)
             plan_key = _plan.key(inputs, rules, decomposition, custom_functions)
             plan = _plan.PLANS.get(model, plan_key)
+        forward = record_compiled if compile else record
         with attribution_mode(model):
-            tape = record(fn, inputs, model=model, rules=rules, decomposition=decomposition,
-                          custom_functions=custom_functions, plan=plan)
+            tape = forward(fn, inputs, model=model, rules=rules, decomposition=decomposition,
+                           custom_functions=custom_functions, plan=plan)
     elif decomposition is not None and resolve(decomposition).name != tape.decomposition:
         raise InvalidInputError(f"the given tape was recorded with decomposition {tape.decomposition!r}, not "
                                 f"{resolve(decomposition).name!r}", where="run(tape=...)",

@@ -69,3 +69,14 @@ def test_top_path_on_smollm2_is_a_real_path(smollm2_call):
     modules = [h.module_path for h in path.hops]
     assert any(m.startswith("model.layers.29") for m in modules) or "lm_head" in modules
     assert path.hops[-1].running_value == pytest.approx(1.0)
+
+
+def test_compiled_forward_on_smollm2_gives_the_recorded_results(smollm2_call):
+    """The embedded default through compile=True: captured, checked and replayed (30 layers, real weights)."""
+    model, root, emb = smollm2_call
+    isr.run(root, emb, "gradient", model=model, compile=True)  # captures and checks
+    for semiring in ("gradient", "maxpath"):
+        replay = isr.run(root, emb, semiring, model=model, compile=True)
+        recorded = isr.run(root, emb, semiring, model=model)
+        assert replay.tape.forward == "compiled"
+        assert torch.equal(replay.values[0], recorded.values[0]), semiring

@@ -73,7 +73,8 @@ def _leave(model: torch.nn.Module, switch: _Switch) -> None:
             _set_attn_impl(model, switch.attn)
     finally:
         for module, mode in switch.training.items():
-            module.training = mode
+            if module.training is not mode:  # only what eval() changed (a Module attribute write is not cheap)
+                module.training = mode
         switch.training, switch.attn = {}, None
 
 

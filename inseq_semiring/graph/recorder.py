@@ -68,6 +68,9 @@ class _RecordingMode(TorchDispatchMode):
         self.late: dict[int, int] = {}  # node id of a custom Function output first seen as an argument -> record index
         self.info: dict[int, tuple] = {}  # id(operator) -> what this recording needs to know of it (see _op_info)
         self.detached: dict[int, torch.Tensor] = {}  # id(node tensor) -> its detached alias (never removed)
+        self.irregular: set[str] = set()  # what this forward needed special handling for (see Tape.irregular)
+        self.program: list | None = None  # with a list: every executed call (func, args, kwargs, out), in order
+        self.record_calls: list[int] = []  # with a program: the program index of each record's call
 
     # -- node bookkeeping ---------------------------------------------------------------------------------------
     def track(self, t: torch.Tensor) -> int:
@@ -88,6 +91,7 @@ class _RecordingMode(TorchDispatchMode):
         that copy. In-place writes into recorded tensors are rare, so the holders are found by a scan of the
         records rather than indexed on every call."""
         old = t.detach().clone()
+        self.irregular.add("in-place write into a traced tensor")
         alias = self.detached.get(id(t), t)  # records hold node tensors as their detached aliases
         for rec in self.records:
             for holder in (rec.leaves, rec.outputs):
@@ -114,11 +118,18 @@ class _RecordingMode(TorchDispatchMode):
             self.info[id(func)] = info
         return info
 
+    def _exec(self, func, args, kwargs):
+        """Run the operator (and log the call when a program is being captured, see :mod:`.compiled`)."""
+        out = func(*args, **kwargs)
+        if self.program is not None:
+            self.program.append((func, args, kwargs, out))
+        return out
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         _, passive, candidates, decompose, overwrites, fill_tensor, constant = self._op_info(func)
         if passive:
-            return func(*args, **kwargs)
+            return self._exec(func, args, kwargs)
         leaves = call_leaves(args, kwargs)
         ids = self.ids
         leaf_ids = []
@@ -139,7 +150,7 @@ class _RecordingMode(TorchDispatchMode):
         if not reads_node:
             for pos in written:  # a constant overwrote a node: it is a node no more
                 self.ids.pop(id(leaves[pos]), None)
-            return func(*args, **kwargs)
+            return self._exec(func, args, kwargs)
 
         if decompose is not None and not written:
             self.within.append(func)
@@ -175,7 +186,7 @@ class _RecordingMode(TorchDispatchMode):
                 if leaf is t:
                     saved_leaves[other] = old
 
-        out = func(*args, **kwargs)
+        out = self._exec(func, args, kwargs)
         if overwrites and all(leaf_ids[i] is None for i in range(len(leaves)) if i not in written):
             for pos in written:  # overwritten by constants: the old value's edges are cut, as in autograd
                 self.ids.pop(id(leaves[pos]), None)
@@ -200,6 +211,8 @@ class _RecordingMode(TorchDispatchMode):
         if not grad_on:
             self.grad_off.add(rec.index)
         self.records.append(rec)
+        if self.program is not None:
+            self.record_calls.append(len(self.program) - 1)
         return out
 
 
@@ -283,6 +296,7 @@ def record(
     decomposition: "str | Decomposition | None" = None,
     custom_functions: str = "error",
     plan=None,
+    program: list | None = None,
 ) -> Tape:
     """Run ``fn(*inputs)`` once and return its :class:`Tape`. ``decomposition``: a name in
     :data:`~inseq_semiring.decompositions.DECOMPOSITIONS` or a table (default ``"aten"``). ``custom_functions``:
@@ -291,6 +305,9 @@ def record(
 
     ``plan``: a :class:`~inseq_semiring.plan.Plan` expected to match; if the tape's signature equals it, the
     coverage check is skipped (the plan's operators were checked when it was made).
+
+    ``program``: a list that receives every executed ATen call ``(func, args, kwargs, out)`` in order, and
+    ``tape.record_calls`` the index in it of each record's call (used by :mod:`.compiled` to build a replay).
 
     Raises :class:`~inseq_semiring.errors.UnsupportedOpError` listing every operator without a rule.
     """
@@ -307,6 +324,7 @@ def record(
         names[id(model)] = ""
     decomposition = resolve(decomposition)
     mode = _RecordingMode(rules, names, decomposition)
+    mode.program = program
     model_class = type(model).__name__ if model is not None else ""
     traced = [t if t.requires_grad or not (t.is_floating_point() or t.is_complex()) else t.detach().requires_grad_(True)
               for t in inputs]
@@ -325,8 +343,14 @@ def record(
                                          policy=custom_functions, rules=rules, model_class=model_class)
     if root_id in dropped:
         root_id = None
+    if mode.grad_off:
+        mode.irregular.add("operators run with grad mode off")
+    if mode.late or records is not mode.records:
+        mode.irregular.add("custom autograd.Function calls")
     tape = Tape(records=records, input_ids=tuple(input_ids), root_id=root_id, root=root.detach(),
-                model_class=model_class, decomposition=decomposition.name)
+                model_class=model_class, decomposition=decomposition.name, irregular=frozenset(mode.irregular))
+    if program is not None:
+        tape.record_calls = tuple(mode.record_calls)
     _freeze(tape.records, mode.detached)
     if plan is not None and plan.matches(tape):  # a matching plan's operators all have rules
         tape.plan = plan

@@ -66,6 +66,11 @@ class Tape:
     model_class: str = ""
     decomposition: str = "aten"  # the name of the decomposition it was recorded under
     plan: Any = None  # the plan (inseq_semiring.plan) whose signature this tape was found to match, if any
+    #: what the forward needed special handling for (in-place writes into nodes, grad mode off, custom Functions)
+    irregular: frozenset = frozenset()
+    #: how the forward was obtained: "recorded" (under the recorder) or "compiled" (a replay, see graph/compiled.py)
+    forward: str = "recorded"
+    record_calls: tuple = ()  # with a captured program: the program index of each record's call
 
     def producers(self) -> dict[int, tuple[OpRecord, int]]:
         """Node id -> (record that produced it, output slot)."""

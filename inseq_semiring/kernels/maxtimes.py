@@ -54,6 +54,7 @@ import warnings
 import torch
 from torch import Tensor
 
+from ..rules import jacobians as _jacobians
 from .extension import NO_EXT_ENV, CompiledExtension, _env_no_ext, _short_reason  # noqa: F401  (NO_EXT_ENV re-exported)
 
 __all__ = ["max_times", "min_times", "max_times_abs", "max_min_pair", "fuses", "active_backend", "extension_build_seconds",
@@ -788,7 +789,8 @@ def _torch_backend(a: Tensor, b: Tensor, argmax: bool) -> tuple[Tensor, Tensor |
                         run_v = v if run_v is None else torch.maximum(run_v, v)
                         continue
                     # all finite iff the sum is (an overflowing sum only costs the slow path)
-                    v_finite = floating and bool(torch.isfinite(v.sum()))
+                    # (off the CPU: not read, the NaN-safe path below gives the same values and winners, no sync)
+                    v_finite = floating and _jacobians.reads_on_host(v) and bool(torch.isfinite(v.sum()))
                     if fast_eq and v_finite:
                         # p <= v, and p - v == 0 iff p == v: sign is 0 at hits, -1 elsewhere
                         prod.sub_(v.unsqueeze(-2)).sign_()
@@ -804,7 +806,7 @@ def _torch_backend(a: Tensor, b: Tensor, argmax: bool) -> tuple[Tensor, Tensor |
                         i = (kk - w.amax(dim=-2).to(torch.int64)).add_(k0)  # first hit
                         if floating:
                             nan_v = torch.isnan(v)
-                            if bool(nan_v.any()):  # a NaN max: point at the first NaN product
+                            if not _jacobians.reads_on_host(v) or bool(nan_v.any()):  # a NaN max: the first NaN
                                 torch.mul(torch.isnan(prod), wk, out=w)
                                 i_nan = (kk - w.amax(dim=-2).to(torch.int64)).add_(k0)
                                 i = torch.where(nan_v, i_nan, i)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..rules import jacobians as _jacobians
 from .extension import CompiledExtension, _env_no_ext
 from .vecmath import VECMATH_CPP
 
@@ -338,7 +339,10 @@ def _torch_pull(xh: Tensor, pmax: Tensor, pmin: Tensor) -> tuple[Tensor, Tensor,
     vl = torch.full_like(pmax, float("inf"))
     ih = torch.arange(n, device=xh.device).repeat(rows, 1)
     il = ih.clone()
-    live = (~torch.isnan(pmax)).any(-1).nonzero().flatten()
+    if _jacobians.reads_on_host(pmax):  # skip dead rows; off the CPU every row (a dead one gives what is skipped)
+        live = (~torch.isnan(pmax)).any(-1).nonzero().flatten()
+    else:
+        live = torch.arange(rows, device=xh.device)
     step = max(1, _TORCH_CHUNK_ELEMS // max(1, n * n))
     eye = torch.eye(n, dtype=torch.bool, device=xh.device)
     for r0 in range(0, live.numel(), step):

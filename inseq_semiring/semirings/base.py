@@ -457,7 +457,9 @@ def _rows_active_max(a: Tensor, w: Tensor, entry_map=None, index: bool = True) -
             return mapped_max_times(x, w, entry_map, argmax=index)
         return max_times(x, w, argmax=True) if index else (max_times(x, w), None)
 
-    if skips_rows(a) and _all_nonzero(a):
+    if not skips_rows(a):  # off the CPU: no host read of the live-row count (a zero row gives 0 and argmax 0 here too)
+        return product(a)
+    if _all_nonzero(a):
         return product(a)
     rows = (a != 0).any(-1)
     n_active = int(rows.sum())

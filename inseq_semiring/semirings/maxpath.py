@@ -30,6 +30,7 @@ from torch import Tensor
 
 from ..errors import InvalidInputError
 from ..kernels.maxtimes import max_min_pair, max_times
+from ..rules import jacobians as _jacobians
 from ..rules.jacobians import IndexMap, LayerNormRow, MatMul, Pointwise, Reduction, RowDense, reads_on_host
 from .base import Semiring, _dense_chunks, _first_extreme, _scatter_max, amax_to_shape, linear_pull, max_pull
 from .base import abs_weight
@@ -233,11 +234,12 @@ def _largest_magnitude(hi: Tensor, lo: Tensor) -> Tensor:
     genuinely infinite value (an infinite local weight) needs the masked form."""
     if not hi.numel():
         return hi.new_zeros(())
-    if reads_on_host(hi):  # the two extremes as numbers: the larger one is the tensor to divide by
-        top, bottom = hi.amax(), lo.amin()
-        th, tl = float(top), -float(bottom)
-        if math.isfinite(th) and math.isfinite(tl):
-            return top if th >= tl else -bottom
+    if not _jacobians.reads_on_host(hi):  # off the CPU: the masked form, which equals the fast one wherever that applies
+        return torch.stack([x.masked_fill(~torch.isfinite(x), 0).abs().amax() for x in (hi, lo)]).amax()
+    top, bottom = hi.amax(), lo.amin()  # the two extremes as numbers: the larger one is the tensor to divide by
+    th, tl = float(top), -float(bottom)
+    if math.isfinite(th) and math.isfinite(tl):
+        return top if th >= tl else -bottom
     m = torch.maximum(hi.amax(), -lo.amin())
     if bool(torch.isfinite(m)):
         return m
@@ -254,7 +256,7 @@ def _candidates(hi: Tensor, lo: Tensor, w) -> tuple[Tensor, Tensor]:
         if w == 1:
             return hi, lo
         return (hi * w, lo * w) if w > 0 else (lo * w, hi * w)  # -inf * w stays absent (-inf), +inf likewise
-    if _all_finite(hi):
+    if _jacobians.reads_on_host(hi) and _all_finite(hi):  # off the CPU: the masked form (the same values)
         c1, c2 = hi * w, lo * w
         return torch.maximum(c1, c2), torch.minimum(c1, c2)
     reach = torch.isfinite(hi)
@@ -356,6 +358,8 @@ def _signed_matmul_rows(kind: MatMul, hi: Tensor, lo: Tensor, index: bool):
     w = kind.weight  # [n, k]
     n, k = w.shape
     fh, fl = hi.reshape(-1, n), lo.reshape(-1, n)
+    if not _jacobians.reads_on_host(fh):
+        return _signed_matmul_rows_device(kind, fh, fl, w, index)
     everywhere = _all_finite(fh)
     reach = None if everywhere else torch.isfinite(fh)
     live = None if everywhere else reach.any(-1)
@@ -436,6 +440,8 @@ def _signed_matmul_sparse(kind: MatMul, hi: Tensor, lo: Tensor, reach: Tensor, i
 def _signed_matmul(kind: MatMul, hi: Tensor, lo: Tensor, index: bool = True):
     """Signed max/min-times. Absent elements enter the kernels as 0; partly reachable slices are then fixed exactly
     where that can matter."""
+    if not _jacobians.reads_on_host(hi):
+        return _signed_matmul_device(kind, hi, lo, index)
     all_reach = _all_finite(hi)
     reach = torch.isfinite(hi) if not all_reach else None
     if reach is not None:
@@ -486,6 +492,108 @@ def _signed_matmul(kind: MatMul, hi: Tensor, lo: Tensor, index: bool = True):
             h3, l3 = hi.reshape(-1, m, n), lo.reshape(-1, m, n)
             for redo, largest, vals, args in ((redo_h, True, hi_v, hi_a), (redo_l, False, lo_v, lo_a)):
                 _exact_outputs(redo, largest, kind.left, h3, l3, w3, vals, args)
+    shape = kind.in_shape
+    if not index:
+        return hi_v.reshape(shape), None, lo_v.reshape(shape), None
+    bidx = torch.arange(bsz, device=hi.device).view(-1, 1, 1)
+    if kind.left:
+        rows = torch.arange(m, device=hi.device).view(1, -1, 1)
+        to_flat = lambda arg: (bidx * m + rows) * n + arg  # noqa: E731
+    else:
+        cols = torch.arange(n, device=hi.device).view(1, 1, -1)
+        to_flat = lambda arg: (bidx * m + arg) * n + cols  # noqa: E731
+    return hi_v.reshape(shape), to_flat(hi_a).reshape(shape), lo_v.reshape(shape), to_flat(lo_a).reshape(shape)
+
+
+# -- signed matrix-product pulls without host reads (off the CPU) -------------------------------------------------
+# The CPU path reads reachability to skip dead rows and to redo only the outputs of partly reachable slices that
+# the zero-substituted kernels may have got wrong. Off the CPU nothing is read: the kernels run on every row, every
+# output of the product is also computed exactly from the masked candidates (dense, in chunks whose number depends
+# on shapes only), and masks choose: partly reachable slices take the exact result (which equals the CPU path's
+# kernel-and-redo result there), fully reachable ones the kernels' (the same tie rule as on the CPU), dead ones are
+# absent.
+
+def _exact_dense(left: bool, h3: Tensor, l3: Tensor, w3: Tensor, index: bool):
+    """``(M+', first argmax, M-', first argmin)`` of ``[B, m, n] x [B, n, k]`` (``left``: over ``c`` of
+    ``a[b, x, c] w[b, c, y]``; else over ``r`` of ``w[b, x, r] a[b, r, y]``) from the masked candidates of every
+    element (absent ones offer nothing), in chunks of rows."""
+    if not left:  # the transposed left product
+        out = _exact_dense(True, h3.transpose(1, 2), l3.transpose(1, 2), w3.transpose(1, 2), index)
+        return tuple(None if t is None else t.transpose(1, 2) for t in out)
+    bsz, m, n = h3.shape
+    k = w3.shape[-1]
+    fh, fl = h3.reshape(bsz * m, n), l3.reshape(bsz * m, n)
+    batch = torch.arange(bsz, device=h3.device).repeat_interleave(m)
+    vh, vl = fh.new_empty(bsz * m, k), fl.new_empty(bsz * m, k)
+    ah = torch.empty(bsz * m, k, dtype=torch.long, device=h3.device) if index else None
+    al = torch.empty_like(ah) if index else None
+    step = max(1, _CHUNK // max(1, n * k))
+    for r0 in range(0, bsz * m, step):
+        r1 = min(bsz * m, r0 + step)
+        wt = w3[batch[r0:r1]].transpose(1, 2)  # [rows, k, n]
+        ch, cl = _candidates(fh[r0:r1].unsqueeze(1), fl[r0:r1].unsqueeze(1), wt)  # [rows, k, n]
+        (vh[r0:r1], ih), (vl[r0:r1], il) = _first_extreme(ch, True), _first_extreme(cl, False)
+        if index:
+            ah[r0:r1], al[r0:r1] = ih, il
+    shape = (bsz, m, k)
+    return (vh.reshape(shape), None if ah is None else ah.reshape(shape), vl.reshape(shape),
+            None if al is None else al.reshape(shape))
+
+
+def _choose(slices: Tensor, dead: Tensor, fast, exact, index: bool):
+    """Per output: the exact result in partly reachable slices, the kernels' elsewhere, absent in dead slices."""
+    hi_v, hi_a, lo_v, lo_a = fast
+    eh, eha, el, ela = exact
+    hi_v = torch.where(slices, eh, hi_v).masked_fill(dead, float("-inf"))
+    lo_v = torch.where(slices, el, lo_v).masked_fill(dead, float("inf"))
+    if index:
+        hi_a, lo_a = torch.where(slices, eha, hi_a), torch.where(slices, ela, lo_a)
+    return hi_v, hi_a, lo_v, lo_a
+
+
+def _signed_matmul_rows_device(kind: MatMul, fh: Tensor, fl: Tensor, w: Tensor, index: bool):
+    """:func:`_signed_matmul_rows` without host reads (the same values and winners)."""
+    n = w.shape[0]
+    reach = torch.isfinite(fh)
+    fast = _rows_core(fh, fl, reach, w, index, None)  # absent elements enter as 0; no fix-ups here
+    exact = tuple(None if t is None else t[0] for t in _exact_dense(True, fh[None], fl[None], w[None], index))
+    live = reach.any(-1, keepdim=True)
+    partial = live & ~reach.all(-1, keepdim=True)
+    hi_v, hi_a, lo_v, lo_a = _choose(partial, ~live, fast, exact, index)
+    shape = kind.in_shape
+    if not index:
+        return hi_v.reshape(shape), None, lo_v.reshape(shape), None
+    hi_a, lo_a = hi_a.masked_fill(~live, 0), lo_a.masked_fill(~live, 0)  # dead rows: winner 0, as on the CPU
+    rows = torch.arange(fh.shape[0], device=fh.device).unsqueeze(-1) * n
+    return hi_v.reshape(shape), (rows + hi_a).reshape(shape), lo_v.reshape(shape), (rows + lo_a).reshape(shape)
+
+
+def _signed_matmul_device(kind: MatMul, hi: Tensor, lo: Tensor, index: bool):
+    """:func:`_signed_matmul` without host reads (the same values and winners; no sparse path)."""
+    m, n = kind.mat_out[-2:]
+    reach = torch.isfinite(hi)
+    h3 = torch.where(reach, hi, torch.zeros_like(hi)).reshape(-1, m, n)
+    l3 = torch.where(reach, lo, torch.zeros_like(lo)).reshape(-1, m, n)
+    w = kind.weight
+    bsz = h3.shape[0]
+    w3 = w.reshape(-1, *w.shape[-2:]).expand(bsz, -1, -1) if w.dim() > 2 else w.expand(bsz, -1, -1)
+    if not index:
+        if kind.left:
+            hi_v, lo_v = max_min_pair(h3, l3, w3)
+        else:
+            hi_t, lo_t = max_min_pair(h3.transpose(1, 2), l3.transpose(1, 2), w3.transpose(1, 2))
+            hi_v, lo_v = hi_t.transpose(1, 2), lo_t.transpose(1, 2)
+        fast = (hi_v, None, lo_v, None)
+    elif kind.left:
+        fast = _merge(*_extremes(lambda x, i: max_times(x, w3, argmax=i), h3, l3, 1, index), index)
+    else:
+        fast = _merge(*_extremes(lambda x, i: max_times(w3, x, argmax=i), h3, l3, 2, index), index)
+    r3 = reach.reshape(-1, m, n)
+    full = r3.all(-1) if kind.left else r3.all(-2)
+    none = ~(r3.any(-1) if kind.left else r3.any(-2))
+    expand = (lambda t: t.unsqueeze(-1)) if kind.left else (lambda t: t.unsqueeze(-2))  # noqa: E731
+    exact = _exact_dense(kind.left, hi.reshape(-1, m, n), lo.reshape(-1, m, n), w3, index)
+    hi_v, hi_a, lo_v, lo_a = _choose(expand(~full & ~none), expand(none), fast, exact, index)
     shape = kind.in_shape
     if not index:
         return hi_v.reshape(shape), None, lo_v.reshape(shape), None
