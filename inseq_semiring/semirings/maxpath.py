@@ -31,7 +31,7 @@ from torch import Tensor
 from ..errors import InvalidInputError
 from ..kernels.maxtimes import max_min_pair, max_times
 from ..rules import jacobians as _jacobians
-from ..rules.jacobians import IndexMap, LayerNormRow, MatMul, Pointwise, Reduction, RowDense, reads_on_host
+from ..rules.jacobians import IndexMap, LayerNormRow, MatMul, Pointwise, Reduction, RowDense
 from .base import Semiring, _dense_chunks, _first_extreme, _scatter_max, amax_to_shape, linear_pull, max_pull
 from .base import abs_weight
 from .signed_rows import fast_signed_rowdense
@@ -186,7 +186,7 @@ def _select_src(take_b, b, a):
 def _align(a: MaxValue, b: MaxValue):
     """``(exp(la - top), exp(lb - top), top)``, ``top = max(la, lb)``; on the CPU (scales read as numbers) the side
     that holds ``top`` gets the number 1 (``exp(0)``), which callers skip multiplying by."""
-    if reads_on_host(a.log_scale):
+    if _jacobians.reads_on_host(a.log_scale):
         la, lb = float(a.log_scale), float(b.log_scale)
         if la == la and lb == lb:  # no NaN scale
             if la >= lb:
@@ -204,7 +204,7 @@ def _times(x: Tensor, f) -> Tensor:
 def _renormalise(v: MaxValue) -> MaxValue:
     """Divide by the largest finite magnitude (folded into ``log_scale``). On the CPU the magnitude is read as a
     number first, and a largest magnitude of exactly 1 (or none) costs nothing more."""
-    if reads_on_host(v.hi):
+    if _jacobians.reads_on_host(v.hi):
         if v.lo is None:
             if not v.hi.numel():
                 return v
