@@ -84,8 +84,8 @@ def amax_to_shape(x: Tensor, shape, largest: bool = True, index: bool = True) ->
     """
     out_shape = x.shape
     if tuple(out_shape) == tuple(shape):
-        return x, (torch.arange(x.numel(), device=x.device).reshape(out_shape) if index else None)
-    flat_index = torch.arange(x.numel(), device=x.device).reshape(out_shape)
+        return x, (_arange(x.numel(), x.device).reshape(out_shape) if index else None)
+    flat_index = _arange(x.numel(), x.device).reshape(out_shape)
     dims, _ = _broadcast_dims(shape, out_shape)
     keep = [d for d in range(len(out_shape)) if d not in dims]
     perm = keep + dims
@@ -124,13 +124,15 @@ def linear_pull(kind, a: Tensor) -> Tensor:
         if kind.weight != 0:
             index, src = kind.index.reshape(-1), a.reshape(-1)
             if not kind.all_valid:
-                valid = index >= 0
                 if not skips_rows(a):  # no host read: the missing entries add a zero to position 0
+                    valid = index >= 0
                     index, src = index.clamp(min=0), src.masked_fill(~valid, 0)
                     out.index_add_(0, index, src)
                     return (out * kind.weight if kind.weight != 1 else out).reshape(kind.in_shape)
-                if not bool(valid.all()):
-                    index, src = index[valid], src[valid]
+                entries = _valid_entries(kind.index)
+                if entries is not None:
+                    pos, index = entries
+                    src = src[pos]
             if kind.injective:  # distinct positions: a scatter into zeros is the sum (0 + x = x)
                 out.scatter_(0, index, src)
             else:
@@ -375,10 +377,10 @@ def _scatter_max(kind: IndexMap, a: Tensor, largest: bool = True, empty: float =
                                   index)
     out_pos = None  # the flat output positions of ``where`` (arange unless invalid entries were dropped)
     if not kind.all_valid:  # the structural rule says when no entry is -1 (then no check, no sync)
-        valid = where >= 0
-        if not bool(valid.all()):
-            out_pos = torch.arange(a.numel(), device=a.device)[valid]
-            where, src = where[valid], src[valid]
+        entries = _valid_entries(kind.index)
+        if entries is not None:
+            out_pos, where = entries
+            src = src[out_pos]
     best = a.new_full((n_in,), empty)
     if kind.injective:  # one candidate per input element at most: a scatter, no max
         best.scatter_(0, where, src)
@@ -512,6 +514,28 @@ def _live_rows(flat: Tensor) -> Tensor:
     if skips_rows(flat) and not _all_nonzero(flat):
         return (flat != 0).any(-1).nonzero().flatten()
     return torch.arange(flat.shape[0], device=flat.device)
+
+
+def _valid_entries(index: Tensor) -> tuple[Tensor, Tensor] | None:
+    """``(positions, targets)`` of the entries of a flat index map that have an input (not ``-1``), in order, or
+    None when all do; made once per sweep and map (the sweep's memo holds the map, so its ``id`` stays its own).
+    CPU only (it reads the count on the host)."""
+    from ..rules.weight_cache import sweep_memo
+
+    memo = sweep_memo()
+    key = ("valid entries", id(index))
+    hit = None if memo is None else memo.get(key)
+    if hit is not None and hit[0] is index:
+        return hit[1]
+    flat = index.reshape(-1)
+    valid = flat >= 0
+    entries = None
+    if not bool(valid.all()):
+        pos = valid.nonzero().flatten()
+        entries = (pos, flat[pos])
+    if memo is not None:
+        memo[key] = (index, entries)
+    return entries
 
 
 def _arange(n: int, device) -> Tensor:
