@@ -173,11 +173,12 @@ def semiring_backward(
     decomposition: str | Decomposition | None = None,
     model: torch.nn.Module | None = None,
     custom_functions: str = "error",
+    compile: bool = False,
 ) -> tuple[torch.Tensor, ...]:
     """One reverse sweep of ``semiring`` from the root ``fn(*inputs)``; one tensor per input, shaped like it.
-    ``decomposition``, ``model``, ``custom_functions``: see :func:`run`."""
+    ``decomposition``, ``model``, ``custom_functions``, ``compile``: see :func:`run`."""
     return run(fn, inputs, semiring, sign=sign, granularity=granularity, decomposition=decomposition, model=model,
-               custom_functions=custom_functions).values
+               custom_functions=custom_functions, compile=compile).values
 
 
 def sweep_tape(

@@ -152,3 +152,29 @@ def test_a_passed_model_is_left_in_its_mode(tmp_path):
     model = AdditiveModel(W).train()
     evaluate(data, ["loo", "saliency"], tmp_path / "out", model=model, progress=False)
     assert model.training
+
+
+def test_environment_failures_are_retried_on_resume_and_others_kept(tmp_path, monkeypatch):
+    from inseq_semiring.evaluate import runner
+
+    data = _write(tmp_path / "d.jsonl", [{"input_ids": [0, 3, 4, 5]}, {"input_ids": [0, 6, 5]},
+                                         {"input_ids": [0, 4, 6, 3, 5]}])
+    real = runner._Evaluator.method_record
+
+    def flaky(self, method, ex, rec):
+        if method == "saliency":  # e.g. a package missing in this environment
+            raise ImportError("No module named 'sklearn'")
+        if method == "loo" and ex.line == 2:  # a failure of this example
+            raise ValueError("this example cannot be explained")
+        return real(self, method, ex, rec)
+
+    monkeypatch.setattr(runner._Evaluator, "method_record", flaky)
+    first = evaluate(data, ["loo", "saliency"], tmp_path / "out", model=AdditiveModel(W), progress=False)
+    assert sorted((m, r.split(":")[0]) for m, _, r in first.skipped) == [("loo", "ValueError")] + \
+        [("saliency", "ImportError")] * 3
+    monkeypatch.setattr(runner._Evaluator, "method_record", real)  # the environment is fixed
+    second = evaluate(data, ["loo", "saliency"], tmp_path / "out", model=AdditiveModel(W), progress=False)
+    assert second.computed == 3 and second.reused == 3  # saliency redone; loo's failure on line 2 kept
+    assert [(m, r.split(":")[0]) for m, _, r in second.skipped] == [("loo", "ValueError")]
+    metrics = pd.read_parquet(tmp_path / "out" / "metrics.parquet")
+    assert metrics[metrics.method == "saliency"].id.nunique() == 3

@@ -32,15 +32,14 @@ def _worker_class(ray):
             self.ev = _Evaluator(self.scorer, fractions, seed, use_inseq=use_inseq)
 
         def run(self, ex, methods, rec):
-            from .runner import NOT_APPLICABLE
+            from .runner import NOT_APPLICABLE, failed
 
             f0, r0 = self.scorer.forwards, self.scorer.rows_scored
             if rec is None:
                 try:
                     rec = self.ev.example_record(ex)
                 except Exception as e:
-                    rec = {"id": ex.id, "input_ids": list(ex.input_ids),
-                           "skipped": f"{type(e).__name__}: {' '.join(str(e).split())[:500]}"}
+                    rec = failed(e, id=ex.id, input_ids=list(ex.input_ids))
             parts = {}
             if "skipped" in rec:
                 methods = []
@@ -50,8 +49,7 @@ def _worker_class(ray):
                 except NOT_APPLICABLE as e:
                     parts[m] = {"skip_method": f"{type(e).__name__}: {' '.join(str(e).split())[:500]}"}
                 except Exception as e:
-                    parts[m] = {"id": ex.id, "method": m,
-                                "skipped": f"{type(e).__name__}: {' '.join(str(e).split())[:500]}"}
+                    parts[m] = failed(e, id=ex.id, method=m)
             return ex.id, rec, parts, self.scorer.forwards - f0, self.scorer.rows_scored - r0
 
     return EvaluationWorker
@@ -60,7 +58,7 @@ def _worker_class(ray):
 def run_parallel(examples, methods, store, summary, *, workers, model, fractions, removal, baseline_id, seed,
                  batch_size, use_inseq, progress) -> None:
     ray = require_ray()
-    from .runner import _check_same_example
+    from .runner import _check_same_example, done
 
     started = False
     if not ray.is_initialized():
@@ -70,7 +68,7 @@ def run_parallel(examples, methods, store, summary, *, workers, model, fractions
     try:
         tasks = []
         for ex in examples:
-            rec = store.get("examples", ex.id)
+            rec = done(store, "examples", ex.id)
             if rec is not None:
                 _check_same_example(rec, ex)
                 if "skipped" in rec:
@@ -79,7 +77,7 @@ def run_parallel(examples, methods, store, summary, *, workers, model, fractions
             for m in methods:
                 if store.method_skipped(m) is not None:
                     continue
-                if store.get(m, ex.id) is not None:
+                if done(store, m, ex.id) is not None:
                     summary.reused += 1
                 else:
                     todo.append(m)
@@ -99,7 +97,7 @@ def run_parallel(examples, methods, store, summary, *, workers, model, fractions
 
         pool = ActorPool(actors)
         for ex_id, rec, parts, fw, rows in pool.map_unordered(lambda a, t: a.run.remote(*t), tasks):
-            if store.get("examples", ex_id) is None:
+            if done(store, "examples", ex_id) is None:
                 store.put("examples", ex_id, rec)
                 summary.computed += "skipped" in rec
             for m, part in parts.items():

@@ -14,7 +14,9 @@ Outputs (pandas-readable; the column names are part of the API):
 * ``curves.parquet``: ``id, method, order`` (``"morf"`` / ``"lerf"``), ``k, fraction`` (``k / n``), ``score``
   (``k = 0`` is the full score);
 * ``skipped.csv``: ``method, id, reason`` (``id`` empty: the method was skipped for the whole run; ``method`` ``*``:
-  the example could not be scored at all, e.g. its contrast is the model's predicted target);
+  the example could not be scored at all, e.g. its contrast is the model's predicted target); a failure caused by
+  the environment (:data:`ENVIRONMENT_ERRORS`: a missing package, memory, a file) is computed again on resume, other
+  failures are kept;
 * ``errors.jsonl`` (``skip_bad``): the bad data lines.
 
 Then :func:`inseq_semiring.evaluate.report.write_reports` (summary, figures) when that module is installed.
@@ -299,14 +301,34 @@ def _reason(e: BaseException) -> str:
     return f"{type(e).__name__}: {' '.join(str(e).split())[:500]}"
 
 
+#: errors of the environment rather than of the example (a missing package, memory, a file): the failure is kept
+#: for the report but the part is computed again when the run resumes
+ENVIRONMENT_ERRORS = (ImportError, MemoryError, OSError)
+
+
+def failed(e: BaseException, **fields) -> dict:
+    """The stored record of a failure: ``fields`` plus ``skipped`` (the reason), and ``retry`` for an environment
+    error."""
+    rec = dict(fields, skipped=_reason(e))
+    if isinstance(e, ENVIRONMENT_ERRORS):
+        rec["retry"] = True
+    return rec
+
+
+def done(store: Store, table: str, key: str) -> dict | None:
+    """The stored record of ``key`` if it counts as done (None: missing, or a failure to retry on resume)."""
+    rec = store.get(table, key)
+    return None if rec is None or rec.get("retry") else rec
+
+
 def process_example(ev: _Evaluator, ex: Example, methods, store: Store, summary: EvalSummary) -> None:
     """Everything of one example not yet on disk (the unit of resume: example record, then each method)."""
-    rec = store.get("examples", ex.id)
+    rec = done(store, "examples", ex.id)
     if rec is None:
         try:
             rec = ev.example_record(ex)
         except Exception as e:  # the example cannot be scored (e.g. the contrast is the predicted target)
-            rec = {"id": ex.id, "input_ids": list(ex.input_ids), "skipped": _reason(e)}
+            rec = failed(e, id=ex.id, input_ids=list(ex.input_ids))
             summary.computed += 1
         store.put("examples", ex.id, rec)
     else:
@@ -316,7 +338,7 @@ def process_example(ev: _Evaluator, ex: Example, methods, store: Store, summary:
     for m in methods:
         if store.method_skipped(m) is not None:
             continue
-        if store.get(m, ex.id) is not None:
+        if done(store, m, ex.id) is not None:
             summary.reused += 1
             continue
         try:
@@ -327,7 +349,7 @@ def process_example(ev: _Evaluator, ex: Example, methods, store: Store, summary:
             print(f"[inseq-semiring] evaluate: {m} skipped ({type(e).__name__}: {reason[:200]})", file=sys.stderr)
             continue
         except Exception as e:  # this example only
-            part = {"id": ex.id, "method": m, "skipped": _reason(e)}
+            part = failed(e, id=ex.id, method=m)
         store.put(m, ex.id, part)
         summary.computed += 1
 
