@@ -492,17 +492,7 @@ def _signed_matmul(kind: MatMul, hi: Tensor, lo: Tensor, index: bool = True):
             h3, l3 = hi.reshape(-1, m, n), lo.reshape(-1, m, n)
             for redo, largest, vals, args in ((redo_h, True, hi_v, hi_a), (redo_l, False, lo_v, lo_a)):
                 _exact_outputs(redo, largest, kind.left, h3, l3, w3, vals, args)
-    shape = kind.in_shape
-    if not index:
-        return hi_v.reshape(shape), None, lo_v.reshape(shape), None
-    bidx = torch.arange(bsz, device=hi.device).view(-1, 1, 1)
-    if kind.left:
-        rows = torch.arange(m, device=hi.device).view(1, -1, 1)
-        to_flat = lambda arg: (bidx * m + rows) * n + arg  # noqa: E731
-    else:
-        cols = torch.arange(n, device=hi.device).view(1, 1, -1)
-        to_flat = lambda arg: (bidx * m + arg) * n + cols  # noqa: E731
-    return hi_v.reshape(shape), to_flat(hi_a).reshape(shape), lo_v.reshape(shape), to_flat(lo_a).reshape(shape)
+    return _batched_result(kind, hi_v, hi_a, lo_v, lo_a, bsz, index)
 
 
 # -- signed matrix-product pulls without host reads (off the CPU) -------------------------------------------------
@@ -594,15 +584,22 @@ def _signed_matmul_device(kind: MatMul, hi: Tensor, lo: Tensor, index: bool):
     expand = (lambda t: t.unsqueeze(-1)) if kind.left else (lambda t: t.unsqueeze(-2))  # noqa: E731
     exact = _exact_dense(kind.left, hi.reshape(-1, m, n), lo.reshape(-1, m, n), w3, index)
     hi_v, hi_a, lo_v, lo_a = _choose(expand(~full & ~none), expand(none), fast, exact, index)
+    return _batched_result(kind, hi_v, hi_a, lo_v, lo_a, bsz, index)
+
+
+def _batched_result(kind: MatMul, hi_v, hi_a, lo_v, lo_a, bsz: int, index: bool):
+    """A batched signed product's ``(M+', flat argmax, M-', flat argmin)`` in the input's shape: the winners along
+    the contraction (``hi_a``, ``lo_a``, [B, m, k] or [B, k, n]) turned into flat input indices."""
+    m, n = kind.mat_out[-2:]
     shape = kind.in_shape
     if not index:
         return hi_v.reshape(shape), None, lo_v.reshape(shape), None
-    bidx = torch.arange(bsz, device=hi.device).view(-1, 1, 1)
+    bidx = torch.arange(bsz, device=hi_v.device).view(-1, 1, 1)
     if kind.left:
-        rows = torch.arange(m, device=hi.device).view(1, -1, 1)
+        rows = torch.arange(m, device=hi_v.device).view(1, -1, 1)
         to_flat = lambda arg: (bidx * m + rows) * n + arg  # noqa: E731
     else:
-        cols = torch.arange(n, device=hi.device).view(1, 1, -1)
+        cols = torch.arange(n, device=hi_v.device).view(1, 1, -1)
         to_flat = lambda arg: (bidx * m + arg) * n + cols  # noqa: E731
     return hi_v.reshape(shape), to_flat(hi_a).reshape(shape), lo_v.reshape(shape), to_flat(lo_a).reshape(shape)
 
