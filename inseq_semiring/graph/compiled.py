@@ -57,10 +57,9 @@ _VALUE_SHAPED = {aten.nonzero.default, aten.masked_select.default, aten.unique_c
 class _Call:
     """What one compiled call hands to its Dynamo entry and gets back (one per call, in a ``ContextVar``)."""
 
-    __slots__ = ("inputs", "entry", "args", "outputs", "records")
+    __slots__ = ("entry", "args", "outputs", "records")
 
-    def __init__(self, inputs):
-        self.inputs = inputs
+    def __init__(self):
         self.entry = self.args = self.outputs = self.records = None
 
 
@@ -320,13 +319,13 @@ def record_compiled(fn: Callable[..., torch.Tensor], inputs: Sequence[torch.Tens
     if refused(model, fn) is not None:
         return record(fn, inputs, model=model, plan=plan, **options)
     detached = tuple(x.detach() for x in inputs)
-    call = _Call(detached)
+    call = _Call()
     token = _CALL.set(call)
     try:
         with torch.no_grad():
             root = _wrapper(fn, model)(*detached)
     except Exception as exc:  # Dynamo could not trace fn in one graph (a graph break, an unsupported construct)
-        if isinstance(exc, (KeyboardInterrupt, MemoryError)):
+        if isinstance(exc, MemoryError):
             raise
         _refuse(model, fn, f"TorchDynamo could not capture it in one graph: {type(exc).__name__}: "
                            f"{str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''}")
