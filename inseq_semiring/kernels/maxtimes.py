@@ -327,6 +327,21 @@ static inline unsigned pack_a(const T* A, int64_t k, int64_t i0, int64_t mb, int
   return bad;
 }
 
+// The valid part of a block's output tiles (mt x nt tiles of MR x NR, the block mb x nb): f(row, j, width, offset
+// of the tile row in the tile buffer), for each row of each tile, as the write-back of run_block and run_block_pair.
+template <typename F>
+static inline void for_each_tile_row(int64_t mt, int64_t nt, int64_t mb, int64_t nb, int MR, int NR, F&& f) {
+  for (int64_t it = 0; it < mt; ++it)
+    for (int r = 0; r < MR; ++r) {
+      const int64_t row = it * MR + r;
+      if (row >= mb) break;
+      for (int64_t jt = 0; jt < nt; ++jt) {
+        const int64_t j = jt * NR;
+        f(row, j, std::min<int64_t>(NR, nb - j), (it * nt + jt) * MR * NR + r * NR);
+      }
+    }
+}
+
 template <typename T, bool ARG, bool ABSB>
 static bool run_block(const T* A, const T* B, T* C, int64_t* Cidx, int64_t k, int64_t n, int64_t sbk,
                       int64_t sbn, int64_t i0, int64_t i1, int64_t j0, int64_t j1, Scratch<T>& s) {
@@ -359,21 +374,13 @@ static bool run_block(const T* A, const T* B, T* C, int64_t* Cidx, int64_t k, in
     }
   }
   // unpack the valid part of the tiles
-  for (int64_t it = 0; it < mt; ++it)
-    for (int r = 0; r < MR; ++r) {
-      const int64_t row = it * MR + r;
-      if (row >= mb) break;
-      for (int64_t jt = 0; jt < nt; ++jt) {
-        const int64_t j = jt * NR;
-        const int64_t w = std::min<int64_t>(NR, nb - j);
-        const int64_t off = (it * nt + jt) * MR * NR + r * NR;
-        std::memcpy(C + (i0 + row) * n + j0 + j, Cw + off, static_cast<size_t>(w) * sizeof(T));
-        if (ARG) {
-          int64_t* dst = Cidx + (i0 + row) * n + j0 + j;
-          for (int64_t q = 0; q < w; ++q) dst[q] = static_cast<int64_t>(Iw[off + q]);
-        }
-      }
+  for_each_tile_row(mt, nt, mb, nb, MR, NR, [&](int64_t row, int64_t j, int64_t w, int64_t off) {
+    std::memcpy(C + (i0 + row) * n + j0 + j, Cw + off, static_cast<size_t>(w) * sizeof(T));
+    if (ARG) {
+      int64_t* dst = Cidx + (i0 + row) * n + j0 + j;
+      for (int64_t q = 0; q < w; ++q) dst[q] = static_cast<int64_t>(Iw[off + q]);
     }
+  });
   return bad != 0;
 }
 
@@ -503,18 +510,10 @@ static bool run_block_pair(const T* Ah, const T* Al, const T* B, T* Ch, T* Cl, i
       }
     }
   }
-  for (int64_t it = 0; it < mt; ++it)
-    for (int r = 0; r < MR; ++r) {
-      const int64_t row = it * MR + r;
-      if (row >= mb) break;
-      for (int64_t jt = 0; jt < nt; ++jt) {
-        const int64_t j = jt * NR;
-        const int64_t w = std::min<int64_t>(NR, nb - j);
-        const int64_t off = (it * nt + jt) * MR * NR + r * NR;
-        std::memcpy(Ch + (i0 + row) * n + j0 + j, Hw + off, static_cast<size_t>(w) * sizeof(T));
-        std::memcpy(Cl + (i0 + row) * n + j0 + j, Lw + off, static_cast<size_t>(w) * sizeof(T));
-      }
-    }
+  for_each_tile_row(mt, nt, mb, nb, MR, NR, [&](int64_t row, int64_t j, int64_t w, int64_t off) {
+    std::memcpy(Ch + (i0 + row) * n + j0 + j, Hw + off, static_cast<size_t>(w) * sizeof(T));
+    std::memcpy(Cl + (i0 + row) * n + j0 + j, Lw + off, static_cast<size_t>(w) * sizeof(T));
+  });
   return bad != 0;
 }
 
