@@ -12,7 +12,9 @@ plan of the shape, timed on its own in the same rounds); for the autograd row, t
 marked "one-off path" run without plans (``plans=False``: every call records, looks up and plans from scratch).
 Rows marked "compiled forward" run with ``compile=True``: the forward is captured once by TorchDynamo, checked against
 the recorded tape, and replayed without the dispatch mode (:mod:`inseq_semiring.graph.compiled`); their recording
-share is the replayed forward's ("compiled forward alone" row), which includes Dynamo's guard check.
+share is the replayed forward's ("compiled forward alone" row), which includes Dynamo's guard check. Rows marked
+``compile='all'`` also replay the sweep of the shape's plan as a TorchScript graph traced once
+(:mod:`inseq_semiring.traced_sweep`; its first calls, which trace and script it, fall in the warm-up round).
 Methods are timed round-robin (one call of each per round), so that load changes hit every row alike.
 
     python benchmarks/bench_overhead.py [--tokens 16] [--repeats 5] [--threads 1]
@@ -48,6 +50,12 @@ METHODS = [
     ("entropy, compiled forward", "entropy", {"compile": True}),
     ("maxpath abs, compiled forward", "maxpath", {"compile": True}),
     ("maxpath abs + back-pointers, compiled forward", "maxpath", {"backpointers": True, "compile": True}),
+    ("gradient, compile='all'", "gradient", {"compile": "all"}),
+    ("flow, compile='all'", "flow", {"compile": "all"}),
+    ("entropy, compile='all'", "entropy", {"compile": "all"}),
+    ("maxpath abs, compile='all'", "maxpath", {"compile": "all"}),
+    ("maxpath positive, compile='all'", "maxpath", {"sign": "positive", "compile": "all"}),
+    ("maxpath negative, compile='all'", "maxpath", {"sign": "negative", "compile": "all"}),
 ]
 
 
@@ -179,10 +187,12 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--only", default="", help="row labels to time, separated by ';' (default: all; autograd always)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     import inseq_semiring as isr
 
+    methods = [m for m in METHODS if not args.only or m[0] in args.only.split(";") or m[1] is None]
     print(f"# tiny models, {args.tokens} tokens, float32, CPU, threads={args.threads}, median of {args.repeats} "
           "(process CPU time)")
     print("| model | records | method | CPU ms | × autograd | µs / record | recording | wall ms |")
@@ -191,14 +201,14 @@ def main() -> None:
         model, emb, root = prepare(make, args.tokens)
         records = len(isr.run(root, emb, "gradient", model=model).tape.records)
         fns = {name: (lambda s=semiring, o=options: call(model, emb, root, s, o))
-               for name, semiring, options in METHODS}
+               for name, semiring, options in methods}
         fns["<recording>"] = recording(model, emb, root)
         fns["<compiled>"] = compiled_forward(model, emb, root)
         fns["<forward>"] = forward_only(emb, root)
         fns["<empty mode>"] = empty_mode_forward(emb, root)
         times = median_times(fns, args.repeats)
         base = times["autograd.grad"][0]
-        for name, semiring, options in METHODS:
+        for name, semiring, options in methods:
             cpu, wall = times[name]
             part = times["<forward>" if semiring is None else
                          "<compiled>" if options.get("compile") else "<recording>"][0]

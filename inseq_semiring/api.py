@@ -19,6 +19,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from . import plan as _plan
+from . import traced_sweep
 from . import rules as _rules  # noqa: F401  (fills the rule table)
 from .decompositions import Decomposition, resolve
 from .errors import InvalidInputError
@@ -111,7 +112,7 @@ def run(
     decomposition: str | Decomposition | None = None,
     custom_functions: str = "error",
     plans: bool = True,
-    compile: bool = False,
+    compile: bool | str = False,
 ) -> SemiringResult:
     """Record ``fn(*inputs)`` (or reuse ``tape``) and sweep it once with the named semiring.
 
@@ -127,11 +128,19 @@ def run(
     structure of an earlier call of the same input shapes (:mod:`~inseq_semiring.plan`; same results, bit for bit);
     False: always the one-off path. ``compile`` (with ``model``): capture the forward once with TorchDynamo and
     replay its operators without the recorder while Dynamo's guards hold (:mod:`~inseq_semiring.graph.compiled`;
-    same results, bit for bit; a forward it cannot replay faithfully is recorded, with a warning).
+    same results, bit for bit; a forward it cannot replay faithfully is recorded, with a warning). ``compile="all"``:
+    that, and on the CPU the sweep of each plan traced once into TorchScript and replayed by its interpreter
+    (:mod:`~inseq_semiring.traced_sweep`; gradient, flow, entropy and abs maxpath without back-pointers, other calls
+    as ``compile=True``; the values of the sweep's device branch, the same bits on every call, within float rounding
+    of the default; meant for small models and short inputs, where the per-operator cost dominates: the compiled
+    kernels are off in that sweep).
     """
     ring = make_semiring(semiring, sign=sign, granularity=granularity, backpointers=backpointers)
     inputs = _check_inputs(inputs)
     plan_key = plan = None
+    if compile not in (False, True, "all"):
+        raise InvalidInputError(f"compile={compile!r} is not one of False, True, 'all'", where="run(compile=...)",
+                                fix="compile=True (the forward) or compile='all' (the forward and the sweep)")
     if compile and (model is None or tape is not None):
         raise InvalidInputError("compile=True needs the model (model=...) and no given tape", where="run(compile=True)",
                                 fix="pass model=<the model fn runs>, or leave compile out")
@@ -153,10 +162,17 @@ def run(
     keep = trail.__setitem__ if backpointers else None
     replay = tape.plan if plan is not None and tape.plan is plan else None
     memo = {} if replay is None else replay.memo()
-    with torch.no_grad(), sweep_scope(memo):
-        env = sweep(tape, ring, ring.seed(tape.root), rules=rules, on_complete=keep,
+
+    def sweep_raw(t: Tape) -> tuple:
+        env = sweep(t, ring, ring.seed(t.root), rules=rules, on_complete=keep,
                     plan_rules=None if replay is None else replay.rules)
-        raw = tuple(env.get(tid) for tid in tape.input_ids)
+        return tuple(env.get(tid) for tid in t.input_ids)
+
+    with torch.no_grad(), sweep_scope(memo):
+        if compile == "all" and traced_sweep.traces(semiring, sign, backpointers):
+            raw = traced_sweep.swept(replay, (semiring, sign, granularity), tape, sweep_raw)
+        else:
+            raw = sweep_raw(tape)
         values = tuple(ring.finalize(r, x) for r, x in zip(raw, inputs))
     if plan_key is not None and replay is None:  # first call of this key, or the graph changed: (re)plan
         _plan.PLANS.put(model, plan_key, _plan.build(tape, rules, memo), keep=(rules, decomposition))
@@ -173,7 +189,7 @@ def semiring_backward(
     decomposition: str | Decomposition | None = None,
     model: torch.nn.Module | None = None,
     custom_functions: str = "error",
-    compile: bool = False,
+    compile: bool | str = False,
 ) -> tuple[torch.Tensor, ...]:
     """One reverse sweep of ``semiring`` from the root ``fn(*inputs)``; one tensor per input, shaped like it.
     ``decomposition``, ``model``, ``custom_functions``, ``compile``: see :func:`run`."""

@@ -27,7 +27,7 @@ from __future__ import annotations
 import threading
 import weakref
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch
@@ -59,6 +59,8 @@ class Plan:
     rules: tuple  # rule function per record
     index_maps: dict  # structural memo entries (read-only once published)
     nbytes: int = 0  # bytes of the index tensors
+    #: traced sweeps per semiring key (:mod:`~inseq_semiring.traced_sweep`, ``compile="all"``), each set once
+    sweeps: dict = field(default_factory=dict)
 
     def matches(self, tape: Tape) -> bool:
         return signature(tape) == self.signature

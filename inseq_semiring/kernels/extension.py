@@ -22,6 +22,8 @@ import sysconfig
 import threading
 import time
 import warnings
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 
 import torch
@@ -40,7 +42,23 @@ def _flag(name: str) -> bool:
 
 
 def _env_no_ext() -> bool:
-    return _flag(NO_EXT_ENV)
+    """The compiled kernels are off: ``$INSEQ_SEMIRING_NO_EXT=1``, or inside :func:`kernels_off`."""
+    return _KERNELS_OFF.get() or _flag(NO_EXT_ENV)
+
+
+#: Set (per thread / task) by :func:`kernels_off`.
+_KERNELS_OFF: ContextVar[bool] = ContextVar("inseq_semiring_kernels_off", default=False)
+
+
+@contextmanager
+def kernels_off():
+    """Inside the block every compiled kernel is unavailable and callers run their PyTorch code (the same values):
+    a kernel's loops are invisible to a dispatch mode, so :mod:`~inseq_semiring.traced_sweep` traces without them."""
+    token = _KERNELS_OFF.set(True)
+    try:
+        yield
+    finally:
+        _KERNELS_OFF.reset(token)
 
 
 def _note(reason: str) -> None:
@@ -115,6 +133,8 @@ class CompiledExtension:
 
     def load(self, stacklevel: int = 2):
         """``stacklevel``: frames from this method to the user code, for the one-time warning."""
+        if _KERNELS_OFF.get():
+            return None
         if self.module is not None or self.failed or _env_no_ext():
             return self.module
         with self._lock:

@@ -8,6 +8,8 @@ edges exist and carries their weights without ever materialising a dense Jacobia
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Callable
 
@@ -19,9 +21,25 @@ from .weight_cache import sweep_memo as _sweep_memo
 
 def reads_on_host(t: Tensor) -> bool:
     """Whether rules and pulls may read values of ``t`` on the host (a count, an all-valid flag) to skip work: on
-    the CPU, where that read is free. On other devices they take the dense path instead, so that a sweep never
-    waits for the device (no ``.item()``, ``bool(t.any())``, ``nonzero`` inside the sweep)."""
-    return t.device.type == "cpu"
+    the CPU, where that read is free, unless :func:`device_branch` is in force. On other devices they take the dense
+    path instead, so that a sweep never waits for the device (no ``.item()``, ``bool(t.any())``, ``nonzero`` inside
+    the sweep)."""
+    return t.device.type == "cpu" and not _DEVICE_BRANCH.get()
+
+
+#: Set (per thread / task) by :func:`device_branch`.
+_DEVICE_BRANCH: ContextVar[bool] = ContextVar("inseq_semiring_device_branch", default=False)
+
+
+@contextmanager
+def device_branch():
+    """Inside the block CPU tensors take the device branch too: no value is read on the host, so the operators a
+    sweep runs depend on shapes only (what :mod:`~inseq_semiring.traced_sweep` traces)."""
+    token = _DEVICE_BRANCH.set(True)
+    try:
+        yield
+    finally:
+        _DEVICE_BRANCH.reset(token)
 
 
 def _flat_to_index(flat: int, shape) -> tuple[int, ...]:

@@ -1,0 +1,329 @@
+"""The sweep of one plan, traced once into a TorchScript graph and replayed by TorchScript's C++ interpreter.
+
+For tapes of one plan (same operators, node ids and rules: :mod:`~inseq_semiring.plan`) the sweep's *device branch*
+(:func:`~inseq_semiring.rules.jacobians.device_branch`: no value is read on the host, so no branch depends on a
+value) runs the same ATen calls with the same non-tensor arguments every time; only tensor values differ. So the
+first call of a (plan, semiring) runs that sweep under a dispatch mode that logs every ATen call into an FX graph
+whose inputs are the tape's tensors (the model's weights among them, so writes to them are followed), scripts the
+graph with TorchScript, and later calls run the script on the new tape's tensors: one loop of the C++ interpreter
+(graph optimisations off, so exactly the logged operators) instead of Python rules, kinds and pulls per record.
+
+Faithful or refused. While the trace is taken the compiled kernels are off (:func:`~inseq_semiring.kernels.
+extension.kernels_off`: their loops are invisible to a dispatch mode) and the trace is given up, that call and the
+later ones of the key being swept eagerly (the reason: :func:`refused`), when
+
+* a value that depends on the tape is read on the host (``.item()``, ``bool(t)``, ``nonzero``, ``equal``, a boolean
+  mask), or an operator returns a Python value computed from one;
+* an operator writes into a tape tensor or a constant (a tensor the sweep did not make: e.g. a plan's index maps);
+* the tape had special handling (``tape.irregular``), or the script cannot be built;
+* the script's outputs on the tracing call differ from the logged sweep's in any bit.
+
+A replay needs the new tape's tensors to have the traced shapes, strides and dtypes and the same aliasing pattern;
+otherwise that call is swept eagerly. Results: those of the eager device-branch sweep, bit for bit (within float
+rounding of the default CPU sweep, which skips rows it reads as zero). CPU only; the published program is never
+mutated and each call runs it on its own tensors, so concurrent calls are independent.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import operator
+import threading
+from contextlib import nullcontext
+from typing import Any, Callable
+
+import torch
+import torch.fx as fx
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves, tree_map
+
+from .graph.tape import Tape
+from .kernels.extension import kernels_off
+from .rules.jacobians import device_branch
+
+aten = torch.ops.aten
+
+#: Operators that read a tensor's values on the host or whose output shape depends on them.
+_HOST_READS = {aten._local_scalar_dense.default, aten.nonzero.default, aten.is_nonzero.default, aten.item.default,
+               aten.equal.default, aten.masked_select.default, aten.nonzero_static.default,
+               aten.unique_consecutive.default, aten._unique2.default}
+_MASK_INDEXING = {aten.index.Tensor, aten.index_put.default, aten.index_put_.default}
+
+_LOCK = threading.Lock()
+
+
+class _Refuse(Exception):
+    """The trace cannot be faithful (the message says why)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Program:
+    """One traced sweep: the script, the metadata and aliasing pattern of the tape tensors it was traced on, and how
+    to rebuild the semiring values from its flat outputs."""
+
+    script: Any
+    meta: tuple
+    pattern: tuple
+    spec: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Refused:
+    reason: str
+
+
+def tape_tensors(tape: Tape) -> tuple[list[torch.Tensor], tuple[int, ...]]:
+    """Every tensor of the tape's records (leaves, outputs) and its root, once each in tape order, and for every
+    slot the position of its tensor in that list (the aliasing pattern)."""
+    seen: dict[int, int] = {}
+    order: list[torch.Tensor] = []
+    pattern = []
+    for rec in tape.records:
+        for group in (rec.leaves, rec.outputs):
+            for t in group:
+                if isinstance(t, torch.Tensor):
+                    i = seen.get(id(t))
+                    if i is None:
+                        i = seen[id(t)] = len(order)
+                        order.append(t)
+                    pattern.append(i)
+    i = seen.get(id(tape.root))
+    if i is None:
+        i = len(order)
+        order.append(tape.root)
+    pattern.append(i)
+    return order, tuple(pattern)
+
+
+def _meta(tensors) -> tuple:
+    return tuple([(t.shape, t.stride(), t.dtype, t.device) for t in tensors])
+
+
+# -- the semiring values as flat tensors ---------------------------------------------------------------------------
+
+def _flatten(value, out: list) -> Any:
+    """Tensors of ``value`` appended to ``out``; returns the spec :func:`_unflatten` rebuilds it from (tuples, lists,
+    dataclasses such as :class:`~inseq_semiring.semirings.scaled.Scaled`; other leaves are kept as they are)."""
+    if isinstance(value, torch.Tensor):
+        out.append(value)
+        return ("tensor",)
+    if isinstance(value, (tuple, list)):
+        return (type(value), [_flatten(v, out) for v in value])
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return ("dataclass", type(value), [(f.name, _flatten(getattr(value, f.name), out))
+                                           for f in dataclasses.fields(value)])
+    return ("const", value)
+
+
+def _unflatten(spec, flat: list, pos: list) -> Any:
+    kind = spec[0]
+    if kind == "tensor":
+        pos[0] += 1
+        return flat[pos[0] - 1]
+    if kind == "const":
+        return spec[1]
+    if kind == "dataclass":
+        obj = object.__new__(spec[1])
+        for name, sub in spec[2]:
+            object.__setattr__(obj, name, _unflatten(sub, flat, pos))
+        return obj
+    return spec[0](_unflatten(s, flat, pos) for s in spec[1])
+
+
+# -- tracing -------------------------------------------------------------------------------------------------------
+
+def _storage(t: torch.Tensor) -> int:
+    return t.untyped_storage().data_ptr()
+
+
+class _Logger(TorchDispatchMode):
+    """Logs every ATen call into an FX graph (inputs: the tape tensors; other tensors not made by a logged call:
+    constants), tracks which storages hold values that depend on the tape, and refuses what a replay would get
+    wrong (see the module docstring)."""
+
+    def __init__(self, inputs: list[torch.Tensor]):
+        super().__init__()
+        self.graph = fx.Graph()
+        self.nodes: dict[int, fx.Node] = {}
+        self.constants: dict[str, torch.Tensor] = {}
+        self.keep: list = list(inputs)  # every tensor seen stays alive, so ids and storages stay unique
+        self.dependent = {_storage(t) for t in inputs if t.numel()}
+        self.external = set(self.dependent)  # storages the sweep must not write into
+        for i, t in enumerate(inputs):
+            self.nodes.setdefault(id(t), self.graph.placeholder(f"t{i}"))
+
+    def _node(self, t: torch.Tensor) -> fx.Node:
+        node = self.nodes.get(id(t))
+        if node is None:
+            name = f"c{len(self.constants)}"
+            self.constants[name] = t
+            node = self.nodes[id(t)] = self.graph.get_attr(name)
+            self.keep.append(t)
+            if t.numel():
+                self.external.add(_storage(t))
+        return node
+
+    def _depends(self, t: torch.Tensor) -> bool:
+        return bool(t.numel()) and _storage(t) in self.dependent
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        tensors = [x for x in tree_leaves((args, kwargs)) if isinstance(x, torch.Tensor)]
+        for t in tensors:
+            self._node(t)  # constants get their nodes (and storages) before the call can write into them
+        depends = any(map(self._depends, tensors))
+        if depends and func in _HOST_READS:
+            raise _Refuse(f"the sweep reads a value on the host ({func})")
+        if depends and func in _MASK_INDEXING and any(
+                isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in tree_leaves(args[1:2])):
+            raise _Refuse(f"the sweep indexes with a boolean mask ({func})")
+        written = _written(func, args, kwargs)
+        for t in written:
+            if t.numel() and _storage(t) in self.external:
+                raise _Refuse(f"the sweep writes into a tape tensor or a constant ({func})")
+        out = func(*args, **kwargs)
+        if depends:
+            for t in written:
+                if t.numel():
+                    self.dependent.add(_storage(t))
+        node = self.graph.call_function(func.overloadpacket, *_node_args(self, args, kwargs))
+        self.keep.append(out)
+        if isinstance(out, torch.Tensor):
+            self._produced(out, node, depends)
+        elif isinstance(out, (tuple, list)):
+            for i, o in enumerate(out):
+                if isinstance(o, torch.Tensor):
+                    self._produced(o, self.graph.call_function(operator.getitem, (node, i)), depends)
+                elif depends and o is not None:
+                    raise _Refuse(f"{func} returns a Python value computed from the tape")
+        elif depends and out is not None:
+            raise _Refuse(f"{func} returns a Python value computed from the tape")
+        return out
+
+    def _produced(self, t: torch.Tensor, node: fx.Node, depends: bool) -> None:
+        self.nodes[id(t)] = node
+        if depends and t.numel():
+            self.dependent.add(_storage(t))
+
+
+def _node_args(log: _Logger, args, kwargs):
+    """The call's arguments with tensors as graph nodes; a non-finite float becomes a module attribute (FX would
+    write it as a global name, which TorchScript does not resolve)."""
+    def arg(x):
+        if isinstance(x, torch.Tensor):
+            return log._node(x)
+        if isinstance(x, float) and not math.isfinite(x):
+            name = f"f{len(log.constants)}"
+            log.constants[name] = x
+            return log.graph.get_attr(name)
+        return x
+    return tree_map(arg, (args, kwargs))
+
+
+def _written(func, args, kwargs) -> list[torch.Tensor]:
+    """The tensors ``func`` writes into (its schema's mutable arguments, ``out=`` included)."""
+    out = []
+    for i, arg in enumerate(func._schema.arguments):
+        if arg.alias_info is None or not arg.alias_info.is_write:
+            continue
+        value = args[i] if i < len(args) else kwargs.get(arg.name)
+        out.extend(x for x in tree_leaves(value) if isinstance(x, torch.Tensor))
+    return out
+
+
+def _bits_equal(a, b) -> bool:
+    if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor):
+        return False
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    if a.is_floating_point():
+        return bool(((a == b) | (a.isnan() & b.isnan())).all())
+    return bool((a == b).all())
+
+
+#: Semirings whose sweep ``compile="all"`` traces (signed maxpath needs its compiled kernels to be fast; back-pointer
+#: trails are Python dicts filled during the sweep).
+TRACED_SEMIRINGS = ("gradient", "flow", "entropy", "maxpath")
+
+
+def traces(semiring: str, sign: str = "abs", backpointers: bool = False) -> bool:
+    """Whether ``compile="all"`` traces this semiring's sweep (otherwise the call runs as with ``compile=True``)."""
+    return semiring in TRACED_SEMIRINGS and sign == "abs" and not backpointers
+
+
+def _eager(tape: Tape, sweep_fn: Callable[[Tape], tuple]) -> tuple:
+    """The sweep a trace would log: the device branch, on the CPU with the kernels off (elsewhere it is never
+    traced, and keeps its kernels)."""
+    with device_branch(), kernels_off() if tape.root.device.type == "cpu" else nullcontext():
+        return sweep_fn(tape)
+
+
+def trace(tape: Tape, sweep_fn: Callable[[Tape], tuple]) -> tuple[tuple, Program | Refused]:
+    """Run ``sweep_fn(tape)`` (the sweep, giving one raw value per input) once under the logger, in the device
+    branch with the kernels off, and script what it ran; returns its result and the program (or why not)."""
+    if tape.irregular:
+        why = f"the forward needed special handling ({', '.join(sorted(tape.irregular))})"
+        return _eager(tape, sweep_fn), Refused(why)
+    tensors, pattern = tape_tensors(tape)
+    log = _Logger(tensors)
+    try:
+        with device_branch(), kernels_off(), log:
+            raw = sweep_fn(tape)
+    except _Refuse as why:
+        return _eager(tape, sweep_fn), Refused(str(why))
+    flat: list[torch.Tensor] = []
+    spec = _flatten(raw, flat)
+    for t in flat:
+        log._node(t)
+    log.graph.output(tuple(log.nodes[id(t)] for t in flat))
+    root = torch.nn.Module()
+    for name, c in log.constants.items():
+        if isinstance(c, torch.Tensor):
+            root.register_buffer(name, c, persistent=False)
+        else:
+            setattr(root, name, c)
+    try:
+        script = torch.jit.script(fx.GraphModule(root, log.graph))
+        with torch.no_grad(), torch.jit.optimized_execution(False):
+            check = list(script(*tensors))
+    except Exception as exc:  # an operator or argument TorchScript cannot take
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        return raw, Refused(f"TorchScript could not take the traced sweep ({type(exc).__name__}: {first})")
+    if len(check) != len(flat) or not all(map(_bits_equal, check, flat)):
+        return raw, Refused("the scripted sweep differs from the traced one")
+    return raw, Program(script, _meta(tensors), pattern, spec)
+
+
+def replay(program: Program, tape: Tape) -> tuple | None:
+    """The raw values of ``program`` on ``tape``'s tensors; None when the tape does not fit the trace."""
+    tensors, pattern = tape_tensors(tape)
+    if pattern != program.pattern or _meta(tensors) != program.meta:
+        return None
+    with torch.no_grad(), torch.jit.optimized_execution(False):
+        flat = list(program.script(*tensors))
+    return _unflatten(program.spec, flat, [0])
+
+
+def swept(plan, key: tuple, tape: Tape, sweep_fn: Callable[[Tape], tuple]) -> tuple:
+    """The raw values of the traceable sweep (device branch, kernels off) of ``tape`` under ``key`` (the semiring
+    and its options): replayed from ``plan``'s program for ``key``, traced on its first call, swept eagerly when
+    refused, when the tape does not fit, off the CPU, or without a plan (``plan=None``)."""
+    entry = None if plan is None else plan.sweeps.get(key)
+    cpu = tape.root.device.type == "cpu"
+    if isinstance(entry, Program) and cpu:
+        raw = replay(entry, tape)
+        if raw is not None:
+            return raw
+    if plan is None or entry is not None or not cpu:
+        return _eager(tape, sweep_fn)
+    raw, entry = trace(tape, sweep_fn)
+    with _LOCK:
+        plan.sweeps.setdefault(key, entry)
+    return raw
+
+
+def refused(plan, key: tuple) -> str | None:
+    """Why the sweep of ``plan`` under ``key`` is not replayed (None: it is, or it was never traced)."""
+    entry = plan.sweeps.get(key)
+    return entry.reason if isinstance(entry, Refused) else None

@@ -1,0 +1,227 @@
+"""The traced sweep (inseq_semiring/traced_sweep.py, ``compile="all"``): on every tiny architecture a replayed sweep
+gives the eager device-branch sweep's values bit for bit for new inputs; the gradient equals autograd; weight writes
+through ``.data`` are followed; what a replay would get wrong (a host read of a tape value, a write into a tape
+tensor or a constant) is refused with a reason; a tape that does not fit the trace is swept eagerly; concurrent calls
+give the sequential results."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import threading
+import warnings
+
+import pytest
+import torch
+
+import inseq_semiring as isr
+import tiny_models as tm
+from inseq_semiring import traced_sweep
+from inseq_semiring.errors import InvalidInputError
+from inseq_semiring.kernels.extension import kernels_off
+from inseq_semiring.rules.jacobians import device_branch
+
+torch.set_num_threads(1)
+
+MODES = {"gradient": ("gradient", {}), "flow": ("flow", {}), "entropy": ("entropy", {}), "maxpath": ("maxpath", {}),
+         "maxpath tensor": ("maxpath", {"granularity": "tensor"})}
+
+
+def _same(a, b, what=""):
+    assert len(a) == len(b), what
+    for x, y in zip(a, b):
+        assert x.dtype == y.dtype and x.shape == y.shape, what
+        torch.testing.assert_close(x, y, rtol=0, atol=0, equal_nan=True, msg=lambda m: f"{what}: {m}")
+
+
+def _case(name):
+    """A tiny case on its own copy of the model (the cached models' plans and Dynamo entries, and their weights,
+    stay as other test modules expect them)."""
+    case = tm.build(name, dtype=torch.float32, pure=False)
+    model = copy.deepcopy(case.model)
+    rows = tm._per_row(name, model, case.kind, False)
+    return dataclasses.replace(case, model=model, fn=lambda *xs: rows(*xs)[0])
+
+
+def _new_inputs(case, seed):
+    gen = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(x.shape, generator=gen, dtype=torch.float64).to(x.dtype) for x in case.inputs)
+
+
+def _run(*args, **kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a forward Dynamo cannot replay is recorded, with a warning
+        return isr.run(*args, **kwargs)
+
+
+def _device_branch_reference(case, x, semiring, **options):
+    """The sweep a trace logs, run eagerly on a fresh recording: the device branch with the kernels off."""
+    with device_branch(), kernels_off():
+        return isr.run(case.fn, x, semiring, model=case.model, plans=False, **options)
+
+
+def _key(semiring, options):
+    return (semiring, options.get("sign", "abs"), options.get("granularity", "scalar"))
+
+
+@pytest.fixture
+def replays(monkeypatch):
+    """Counts the sweeps answered by a replayed program."""
+    count = [0]
+    real = traced_sweep.replay
+
+    def counting(program, tape):
+        out = real(program, tape)
+        count[0] += out is not None
+        return out
+
+    monkeypatch.setattr(traced_sweep, "replay", counting)
+    return count
+
+
+@pytest.mark.parametrize("name", list(tm.ARCHS))
+def test_replayed_sweep_equals_the_device_branch_bit_for_bit(name, replays):
+    case = _case(name)
+    _run(case.fn, case.inputs, "gradient", model=case.model, compile="all")  # builds the shape's plan
+    x = _new_inputs(case, seed=5)  # other values, same shapes
+    for mode, (semiring, options) in MODES.items():
+        traced = _run(case.fn, case.inputs, semiring, model=case.model, compile="all", **options)  # traces
+        plan = traced.tape.plan
+        assert plan is not None, mode
+        assert traced_sweep.refused(plan, _key(semiring, options)) is None, (mode, plan.sweeps)
+        assert isinstance(plan.sweeps[_key(semiring, options)], traced_sweep.Program), mode
+        _same(traced.values, _device_branch_reference(case, case.inputs, semiring, **options).values,
+              f"{name}/{mode} (tracing call)")
+        before = replays[0]
+        replay = _run(case.fn, x, semiring, model=case.model, compile="all", **options)
+        assert replays[0] == before + 1, f"{name}/{mode}: the sweep was not replayed"
+        _same(replay.values, _device_branch_reference(case, x, semiring, **options).values, f"{name}/{mode}")
+        default = isr.run(case.fn, x, semiring, model=case.model, plans=False, **options)
+        for a, b in zip(replay.values, default.values):  # the device branch only rounds differently
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6 * float(b.abs().max()))
+    xs = tuple(t.clone().requires_grad_(True) for t in x)
+    grads = torch.autograd.grad(case.fn(*xs), xs)
+    replay = _run(case.fn, x, "gradient", model=case.model, compile="all")
+    for g, v in zip(grads, replay.values):
+        torch.testing.assert_close(v, g, rtol=1e-4, atol=1e-5 * float(g.abs().max()))
+
+
+def test_weight_writes_through_data_are_followed(replays):
+    case = _case("llama")
+    for _ in range(2):  # plan, then trace
+        _run(case.fn, case.inputs, "entropy", model=case.model, compile="all")
+    before = _run(case.fn, case.inputs, "entropy", model=case.model, compile="all").values
+    weight = case.model.model.layers[0].mlp.down_proj.weight
+    weight.data.mul_(1.5)  # .data: no version bump
+    count = replays[0]
+    after = _run(case.fn, case.inputs, "entropy", model=case.model, compile="all")
+    assert replays[0] == count + 1
+    _same(after.values, _device_branch_reference(case, case.inputs, "entropy").values)
+    assert not torch.equal(after.values[0], before[0])
+
+
+def _tape_and_sweep(case, semiring="gradient"):
+    from inseq_semiring.api import make_semiring
+    from inseq_semiring.graph.recorder import record
+    from inseq_semiring.traversal import sweep
+
+    tape = record(case.fn, case.inputs, model=case.model)
+    ring = make_semiring(semiring)
+
+    def sweep_fn(t):
+        with torch.no_grad():
+            env = sweep(t, ring, ring.seed(t.root))
+        return tuple(env.get(tid) for tid in t.input_ids)
+
+    return tape, sweep_fn
+
+
+def test_what_a_replay_would_get_wrong_is_refused():
+    case = _case("gpt2")
+    tape, sweep_fn = _tape_and_sweep(case)
+    raw, program = traced_sweep.trace(tape, sweep_fn)
+    assert isinstance(program, traced_sweep.Program)
+    outside = torch.zeros(3)
+
+    def reads(t):
+        scale = float(t.root.abs())  # a host read of a value that depends on the tape
+        return tuple(None if r is None else r * scale for r in sweep_fn(t))
+
+    def writes_tape(t):
+        t.records[0].outputs[0].mul_(1.0)
+        return sweep_fn(t)
+
+    def writes_constant(t):
+        outside.add_(1.0)
+        return sweep_fn(t)
+
+    for fn, why in ((reads, "reads a value on the host"), (writes_tape, "writes into a tape tensor or a constant"),
+                    (writes_constant, "writes into a tape tensor or a constant")):
+        got, refusal = traced_sweep.trace(tape, fn)
+        assert isinstance(refusal, traced_sweep.Refused) and why in refusal.reason, (fn.__name__, refusal)
+        assert got[0] is not None  # the call still gets the eager sweep's values
+    # a host read of a constant (no tape value in it) is fine: e.g. IndexMap.map_weights reads float(f(tensor(w)))
+    _, ok = traced_sweep.trace(tape, lambda t: (sweep_fn(t)[0] * float(torch.tensor(2.0).abs()),))
+    assert isinstance(ok, traced_sweep.Program)
+
+
+def test_a_tape_that_does_not_fit_the_trace_is_not_replayed():
+    case = _case("gpt2")
+    tape, sweep_fn = _tape_and_sweep(case)
+    _, program = traced_sweep.trace(tape, sweep_fn)
+    other, _ = _tape_and_sweep(case)
+    assert traced_sweep.replay(program, other) is not None
+    made = {id(t) for r in other.records for t in r.outputs}
+    rec = next(r for r in other.records if any(id(t) in made for t in r.leaves))
+    leaf = next(i for i, t in enumerate(rec.leaves) if id(t) in made)  # also an earlier record's output
+    leaves = list(rec.leaves)
+    leaves[leaf] = leaves[leaf].clone()  # another aliasing pattern
+    rec.__dict__["leaves"] = tuple(leaves)
+    assert traced_sweep.replay(program, other) is None
+    leaves[leaf] = leaves[leaf].double()  # another dtype, same pattern as traced
+    rec.__dict__["leaves"] = tuple(leaves)
+    assert traced_sweep.replay(program, other) is None
+
+
+def test_untraced_modes_run_as_compile_true():
+    case = _case("llama")
+    x = _new_inputs(case, seed=3)
+    for options in ({"sign": "positive"}, {"backpointers": True}):
+        assert not traced_sweep.traces("maxpath", options.get("sign", "abs"), options.get("backpointers", False))
+        for _ in range(2):
+            got = _run(case.fn, x, "maxpath", model=case.model, compile="all", **options)
+        want = _run(case.fn, x, "maxpath", model=case.model, compile=True, **options)
+        _same(got.values, want.values, str(options))
+    assert _key("maxpath", {"sign": "positive"}) not in got.tape.plan.sweeps
+
+
+def test_compile_takes_only_known_values():
+    case = _case("gpt2")
+    with pytest.raises(InvalidInputError, match="compile='sweep' is not one of"):
+        isr.run(case.fn, case.inputs, "gradient", model=case.model, compile="sweep")
+
+
+def test_concurrent_calls_give_the_sequential_results():
+    case = _case("gpt2")
+    inputs = [_new_inputs(case, seed=s) for s in range(4)]
+    for _ in range(2):
+        _run(case.fn, case.inputs, "entropy", model=case.model, compile="all")
+    sequential = [_run(case.fn, x, "entropy", model=case.model, compile="all").values for x in inputs]
+    got: dict[int, tuple] = {}
+    errors: list[BaseException] = []
+
+    def work(i):
+        try:
+            for _ in range(3):
+                got[i] = _run(case.fn, inputs[i], "entropy", model=case.model, compile="all").values
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(inputs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    for i, want in enumerate(sequential):
+        _same(got[i], want, f"thread {i}")
