@@ -16,7 +16,10 @@ later ones of the key being swept eagerly (the reason: :func:`refused`), when
   mask), or an operator returns a Python value computed from one;
 * an operator writes into a tape tensor or a constant (a tensor the sweep did not make: e.g. a plan's index maps);
 * the tape had special handling (``tape.irregular``), or the script cannot be built;
-* the script's outputs on the tracing call differ from the logged sweep's in any bit.
+* the script's outputs on the tracing call differ from the logged sweep's in any bit
+(one ``UserWarning`` per plan and semiring says why). Reads that bypass the dispatcher (``tolist``, ``numpy``) are
+not seen; the engine's sweep makes none (the opt-in weight cache's fingerprint does, after a ``float(sum)`` that is
+seen, so a cached sweep is refused).
 
 A replay needs the new tape's tensors to have the traced shapes, strides and dtypes and the same aliasing pattern;
 otherwise that call is swept eagerly. Results: those of the eager device-branch sweep, bit for bit (within float
@@ -30,6 +33,7 @@ import dataclasses
 import math
 import operator
 import threading
+import warnings
 from contextlib import nullcontext
 from typing import Any, Callable
 
@@ -319,7 +323,10 @@ def swept(plan, key: tuple, tape: Tape, sweep_fn: Callable[[Tape], tuple]) -> tu
         return _eager(tape, sweep_fn)
     raw, entry = trace(tape, sweep_fn)
     with _LOCK:
-        plan.sweeps.setdefault(key, entry)
+        fresh = plan.sweeps.setdefault(key, entry) is entry
+    if fresh and isinstance(entry, Refused):
+        warnings.warn(f"compile='all': the {key[0]} sweep of this shape is not traced ({entry.reason}); it is swept "
+                      "eagerly (the same values, at the eager speed)", UserWarning, stacklevel=4)
     return raw
 
 

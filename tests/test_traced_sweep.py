@@ -225,3 +225,26 @@ def test_concurrent_calls_give_the_sequential_results():
     assert not errors, errors
     for i, want in enumerate(sequential):
         _same(got[i], want, f"thread {i}")
+
+
+def test_a_refused_sweep_warns_once_and_keeps_the_eager_values(monkeypatch):
+    from inseq_semiring.semirings.gradient import Gradient
+
+    case = _case("gpt2")
+    real = Gradient.pull
+
+    def reading_pull(self, kind, value, where):
+        if isinstance(value, torch.Tensor) and value.numel():
+            float(value.reshape(-1)[0])  # a host read of a value that depends on the tape
+        return real(self, kind, value, where)
+
+    monkeypatch.setattr(Gradient, "pull", reading_pull)
+    _run(case.fn, case.inputs, "gradient", model=case.model, compile="all")  # plans
+    with pytest.warns(UserWarning, match="sweep of this shape is not traced .*reads a value on the host"):
+        first = isr.run(case.fn, case.inputs, "gradient", model=case.model, compile="all")
+    assert "reads a value on the host" in traced_sweep.refused(first.tape.plan, ("gradient", "abs", "scalar"))
+    x = _new_inputs(case, seed=9)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # once per plan and semiring
+        again = isr.run(case.fn, x, "gradient", model=case.model, compile="all")
+    _same(again.values, _device_branch_reference(case, x, "gradient").values)
