@@ -54,8 +54,6 @@ METHODS = [
     ("flow, compile='all'", "flow", {"compile": "all"}),
     ("entropy, compile='all'", "entropy", {"compile": "all"}),
     ("maxpath abs, compile='all'", "maxpath", {"compile": "all"}),
-    ("maxpath positive, compile='all'", "maxpath", {"sign": "positive", "compile": "all"}),
-    ("maxpath negative, compile='all'", "maxpath", {"sign": "negative", "compile": "all"}),
 ]
 
 

@@ -130,8 +130,8 @@ def run(
     replay its operators without the recorder while Dynamo's guards hold (:mod:`~inseq_semiring.graph.compiled`;
     same results, bit for bit; a forward it cannot replay faithfully is recorded, with a warning). ``compile="all"``:
     that, and on the CPU the sweep of each plan traced once into TorchScript and replayed by its interpreter
-    (:mod:`~inseq_semiring.traced_sweep`; gradient, flow, entropy and abs maxpath without back-pointers, other calls
-    as ``compile=True``; the values of the sweep's device branch, the same bits on every call, within float rounding
+    (:mod:`~inseq_semiring.traced_sweep`; gradient, flow, entropy and abs maxpath without back-pointers, on tapes
+    whose tensors have at most ``traced_sweep.MAX_TRACED_ELEMENTS`` elements; other calls as ``compile=True``; the values of the sweep's device branch, the same bits on every call, within float rounding
     of the default; meant for small models and short inputs, where the per-operator cost dominates: the compiled
     kernels are off in that sweep).
     """
@@ -169,7 +169,7 @@ def run(
         return tuple(env.get(tid) for tid in t.input_ids)
 
     with torch.no_grad(), sweep_scope(memo):
-        if compile == "all" and traced_sweep.traces(semiring, sign, backpointers):
+        if compile == "all" and traced_sweep.traces(semiring, sign, backpointers) and traced_sweep.fits(tape):
             raw = traced_sweep.swept(replay, (semiring, sign, granularity), tape, sweep_raw)
         else:
             raw = sweep_raw(tape)

@@ -248,3 +248,14 @@ def test_a_refused_sweep_warns_once_and_keeps_the_eager_values(monkeypatch):
         warnings.simplefilter("error", UserWarning)  # once per plan and semiring
         again = isr.run(case.fn, x, "gradient", model=case.model, compile="all")
     _same(again.values, _device_branch_reference(case, x, "gradient").values)
+
+
+def test_a_tape_with_a_tensor_above_the_limit_runs_as_compile_true(monkeypatch):
+    case = _case("gpt2")
+    monkeypatch.setattr(traced_sweep, "MAX_TRACED_ELEMENTS", 10)
+    x = _new_inputs(case, seed=4)
+    for _ in range(3):
+        got = _run(case.fn, x, "entropy", model=case.model, compile="all")
+    assert got.tape.plan.sweeps.get("fits") is False
+    assert _key("entropy", {}) not in got.tape.plan.sweeps
+    _same(got.values, _run(case.fn, x, "entropy", model=case.model, compile=True).values)
