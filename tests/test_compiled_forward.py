@@ -22,18 +22,6 @@ MODES = {"gradient": ("gradient", {}), "entropy": ("entropy", {}), "maxpath": ("
          "negative": ("maxpath", {"sign": "negative"})}
 
 
-def _same(a, b, what=""):
-    assert len(a) == len(b), what
-    for x, y in zip(a, b):
-        assert x.dtype == y.dtype and x.shape == y.shape, what
-        torch.testing.assert_close(x, y, rtol=0, atol=0, equal_nan=True, msg=lambda m: f"{what}: {m}")
-
-
-def _new_inputs(case, seed):
-    gen = torch.Generator().manual_seed(seed)
-    return tuple(torch.randn(x.shape, generator=gen, dtype=torch.float64).to(x.dtype) for x in case.inputs)
-
-
 def _quiet_run(*args, **kwargs):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -50,12 +38,12 @@ def test_replay_equals_the_recorded_path_bit_for_bit(name):
         assert why is not None and "differs from the model's at record 0" in why
     else:
         assert why is None, why
-    x = _new_inputs(case, seed=5)  # other values, same shapes
+    x = tm.new_inputs(case, seed=5)  # other values, same shapes
     for mode, (semiring, options) in MODES.items():
         replay = _quiet_run(case.fn, x, semiring, model=case.model, compile=True, **options)
         fresh = isr.run(case.fn, x, semiring, model=case.model, plans=False, **options)
         assert replay.tape.forward == ("recorded" if why else "compiled"), mode
-        _same(replay.values, fresh.values, f"{name}/{mode}")
+        tm.assert_same_bits(replay.values, fresh.values, f"{name}/{mode}")
     if why is None:
         xs = tuple(t.clone().requires_grad_(True) for t in x)
         grads = torch.autograd.grad(case.fn(*xs), xs)
@@ -69,11 +57,11 @@ def test_replay_with_back_pointers_gives_the_recorded_paths():
 
     case = tm.build("llama", dtype=torch.float32, pure=False)
     isr.run(case.fn, case.inputs, "maxpath", model=case.model, compile=True, backpointers=True)
-    x = _new_inputs(case, seed=2)
+    x = tm.new_inputs(case, seed=2)
     replay = isr.run(case.fn, x, "maxpath", model=case.model, compile=True, backpointers=True)
     fresh = isr.run(case.fn, x, "maxpath", model=case.model, plans=False, backpointers=True)
     assert replay.tape.forward == "compiled"
-    _same(replay.values, fresh.values)
+    tm.assert_same_bits(replay.values, fresh.values)
     described = [[(p.value, [(h.op, h.module_path, h.index) for h in p.hops]) for p in top_paths(r, k=3)]
                  for r in (replay, fresh)]
     assert described[0] == described[1]  # module paths of the replayed records are the model's
@@ -93,7 +81,7 @@ def test_a_changed_python_constant_is_not_replayed_from_the_old_graph():
             got = isr.run(root_for(target), case.inputs, "entropy", model=model, compile=True)
         fresh = isr.run(root_for(target), case.inputs, "entropy", model=model, plans=False)
         assert got.tape.forward == "compiled"
-        _same(got.values, fresh.values, f"target {target}")
+        tm.assert_same_bits(got.values, fresh.values, f"target {target}")
     other = isr.run(root_for(11), case.inputs, "entropy", model=model, plans=False)
     assert not torch.equal(other.values[0], fresh.values[0])  # the targets do give different answers
 
@@ -110,7 +98,7 @@ def test_weights_written_through_data_are_followed():
         got = isr.run(case.fn, case.inputs, "maxpath", model=model, compile=True)
         fresh = isr.run(case.fn, case.inputs, "maxpath", model=model, plans=False)
         assert got.tape.forward == "compiled"
-        _same(got.values, fresh.values)
+        tm.assert_same_bits(got.values, fresh.values)
     finally:
         model.load_state_dict(saved)
 
@@ -182,7 +170,7 @@ def test_compile_needs_the_model():
 
 def test_concurrent_compiled_calls_give_the_sequential_results():
     case = tm.build("qwen2", dtype=torch.float32, pure=False)
-    xs = [_new_inputs(case, seed=s) for s in range(4)]
+    xs = [tm.new_inputs(case, seed=s) for s in range(4)]
     for _ in range(2):
         isr.run(case.fn, case.inputs, "entropy", model=case.model, compile=True)
     expected = [isr.run(case.fn, x, "entropy", model=case.model, plans=False).values for x in xs]
@@ -206,7 +194,7 @@ def test_concurrent_compiled_calls_give_the_sequential_results():
     assert not errors, errors
     for i in range(4):
         for values in got[i]:
-            _same(values, expected[i], f"thread {i}")
+            tm.assert_same_bits(values, expected[i], f"thread {i}")
 
 
 @pytest.mark.parametrize("kv_heads", [2, 1])
@@ -230,7 +218,7 @@ def test_sdpa_attention_takes_other_branches_under_dynamo_and_is_refused(kv_head
     _quiet_run(root, emb, "entropy", model=model, compile=True)
     replay = _quiet_run(root, emb, "entropy", model=model, compile=True)
     recorded = isr.run(root, emb, "entropy", model=model, plans=False)
-    _same(replay.values, recorded.values)
+    tm.assert_same_bits(replay.values, recorded.values)
     assert any(rec.decomposed_from is not None for rec in recorded.tape.records)  # SDPA was split
     assert replay.tape.forward == "recorded"
     expected = "aten.reshape.default" if kv_heads == 1 else "aten.where.self"

@@ -27,13 +27,6 @@ MODES = {"gradient": ("gradient", {}), "flow": ("flow", {}), "entropy": ("entrop
          "maxpath tensor": ("maxpath", {"granularity": "tensor"})}
 
 
-def _same(a, b, what=""):
-    assert len(a) == len(b), what
-    for x, y in zip(a, b):
-        assert x.dtype == y.dtype and x.shape == y.shape, what
-        torch.testing.assert_close(x, y, rtol=0, atol=0, equal_nan=True, msg=lambda m: f"{what}: {m}")
-
-
 def _case(name):
     """A tiny case on its own copy of the model (the cached models' plans and Dynamo entries, and their weights,
     stay as other test modules expect them)."""
@@ -41,11 +34,6 @@ def _case(name):
     model = copy.deepcopy(case.model)
     rows = tm._per_row(name, model, case.kind, False)
     return dataclasses.replace(case, model=model, fn=lambda *xs: rows(*xs)[0])
-
-
-def _new_inputs(case, seed):
-    gen = torch.Generator().manual_seed(seed)
-    return tuple(torch.randn(x.shape, generator=gen, dtype=torch.float64).to(x.dtype) for x in case.inputs)
 
 
 def _run(*args, **kwargs):
@@ -83,19 +71,19 @@ def replays(monkeypatch):
 def test_replayed_sweep_equals_the_device_branch_bit_for_bit(name, replays):
     case = _case(name)
     _run(case.fn, case.inputs, "gradient", model=case.model, compile="all")  # builds the shape's plan
-    x = _new_inputs(case, seed=5)  # other values, same shapes
+    x = tm.new_inputs(case, seed=5)  # other values, same shapes
     for mode, (semiring, options) in MODES.items():
         traced = _run(case.fn, case.inputs, semiring, model=case.model, compile="all", **options)  # traces
         plan = traced.tape.plan
         assert plan is not None, mode
         assert traced_sweep.refused(plan, _key(semiring, options)) is None, (mode, plan.sweeps)
         assert isinstance(plan.sweeps[_key(semiring, options)], traced_sweep.Program), mode
-        _same(traced.values, _device_branch_reference(case, case.inputs, semiring, **options).values,
+        tm.assert_same_bits(traced.values, _device_branch_reference(case, case.inputs, semiring, **options).values,
               f"{name}/{mode} (tracing call)")
         before = replays[0]
         replay = _run(case.fn, x, semiring, model=case.model, compile="all", **options)
         assert replays[0] == before + 1, f"{name}/{mode}: the sweep was not replayed"
-        _same(replay.values, _device_branch_reference(case, x, semiring, **options).values, f"{name}/{mode}")
+        tm.assert_same_bits(replay.values, _device_branch_reference(case, x, semiring, **options).values, f"{name}/{mode}")
         default = isr.run(case.fn, x, semiring, model=case.model, plans=False, **options)
         for a, b in zip(replay.values, default.values):  # the device branch only rounds differently
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6 * float(b.abs().max()))
@@ -116,7 +104,7 @@ def test_weight_writes_through_data_are_followed(replays):
     count = replays[0]
     after = _run(case.fn, case.inputs, "entropy", model=case.model, compile="all")
     assert replays[0] == count + 1
-    _same(after.values, _device_branch_reference(case, case.inputs, "entropy").values)
+    tm.assert_same_bits(after.values, _device_branch_reference(case, case.inputs, "entropy").values)
     assert not torch.equal(after.values[0], before[0])
 
 
@@ -185,13 +173,13 @@ def test_a_tape_that_does_not_fit_the_trace_is_not_replayed():
 
 def test_untraced_modes_run_as_compile_true():
     case = _case("llama")
-    x = _new_inputs(case, seed=3)
+    x = tm.new_inputs(case, seed=3)
     for options in ({"sign": "positive"}, {"backpointers": True}):
         assert not traced_sweep.traces("maxpath", options.get("sign", "abs"), options.get("backpointers", False))
         for _ in range(2):
             got = _run(case.fn, x, "maxpath", model=case.model, compile="all", **options)
         want = _run(case.fn, x, "maxpath", model=case.model, compile=True, **options)
-        _same(got.values, want.values, str(options))
+        tm.assert_same_bits(got.values, want.values, str(options))
     assert _key("maxpath", {"sign": "positive"}) not in got.tape.plan.sweeps
 
 
@@ -203,7 +191,7 @@ def test_compile_takes_only_known_values():
 
 def test_concurrent_calls_give_the_sequential_results():
     case = _case("gpt2")
-    inputs = [_new_inputs(case, seed=s) for s in range(4)]
+    inputs = [tm.new_inputs(case, seed=s) for s in range(4)]
     for _ in range(2):
         _run(case.fn, case.inputs, "entropy", model=case.model, compile="all")
     sequential = [_run(case.fn, x, "entropy", model=case.model, compile="all").values for x in inputs]
@@ -224,7 +212,7 @@ def test_concurrent_calls_give_the_sequential_results():
         t.join()
     assert not errors, errors
     for i, want in enumerate(sequential):
-        _same(got[i], want, f"thread {i}")
+        tm.assert_same_bits(got[i], want, f"thread {i}")
 
 
 def test_a_refused_sweep_warns_once_and_keeps_the_eager_values(monkeypatch):
@@ -243,19 +231,19 @@ def test_a_refused_sweep_warns_once_and_keeps_the_eager_values(monkeypatch):
     with pytest.warns(UserWarning, match="sweep of this shape is not traced .*reads a value on the host"):
         first = isr.run(case.fn, case.inputs, "gradient", model=case.model, compile="all")
     assert "reads a value on the host" in traced_sweep.refused(first.tape.plan, ("gradient", "abs", "scalar"))
-    x = _new_inputs(case, seed=9)
+    x = tm.new_inputs(case, seed=9)
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # once per plan and semiring
         again = isr.run(case.fn, x, "gradient", model=case.model, compile="all")
-    _same(again.values, _device_branch_reference(case, x, "gradient").values)
+    tm.assert_same_bits(again.values, _device_branch_reference(case, x, "gradient").values)
 
 
 def test_a_tape_with_a_tensor_above_the_limit_runs_as_compile_true(monkeypatch):
     case = _case("gpt2")
     monkeypatch.setattr(traced_sweep, "MAX_TRACED_ELEMENTS", 10)
-    x = _new_inputs(case, seed=4)
+    x = tm.new_inputs(case, seed=4)
     for _ in range(3):
         got = _run(case.fn, x, "entropy", model=case.model, compile="all")
     assert got.tape.plan.sweeps.get("fits") is False
     assert _key("entropy", {}) not in got.tape.plan.sweeps
-    _same(got.values, _run(case.fn, x, "entropy", model=case.model, compile=True).values)
+    tm.assert_same_bits(got.values, _run(case.fn, x, "entropy", model=case.model, compile=True).values)

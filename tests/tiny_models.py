@@ -172,3 +172,17 @@ def build(name: str, *, batch: int = 1, dtype: torch.dtype = torch.float64, per_
         def fn(*xs):
             return rows(*xs).sum()
     return TinyCase(name, model, inputs, fn, causal, kind)
+
+
+def new_inputs(case: TinyCase, seed: int) -> tuple[torch.Tensor, ...]:
+    """Other input values of the case's shapes and dtypes."""
+    gen = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(x.shape, generator=gen, dtype=torch.float64).to(x.dtype) for x in case.inputs)
+
+
+def assert_same_bits(a, b, what: str = "") -> None:
+    """Two sequences of tensors equal in dtype, shape and every value (NaN equal to NaN)."""
+    assert len(a) == len(b), what
+    for x, y in zip(a, b):
+        assert x.dtype == y.dtype and x.shape == y.shape, what
+        torch.testing.assert_close(x, y, rtol=0, atol=0, equal_nan=True, msg=lambda m: f"{what}: {m}")
