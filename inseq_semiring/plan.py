@@ -19,7 +19,8 @@ weights from the fresh tape.
 
 The cache is per model (a ``WeakKeyDictionary`` guarded by a lock), at most :data:`PLANS_PER_MODEL` plans and
 :data:`PLAN_BYTES_PER_MODEL` bytes of index maps each (least recently used dropped). A published plan is never
-mutated: concurrent calls share it read-only, and each sweep works on its own copy of the index maps.
+mutated, except for its ``sweeps`` dict, to which :mod:`~inseq_semiring.traced_sweep` adds each key once under a lock
+(``compile="all"``): concurrent calls share it read-only, and each sweep works on its own copy of the index maps.
 """
 
 from __future__ import annotations
@@ -59,7 +60,8 @@ class Plan:
     rules: tuple  # rule function per record
     index_maps: dict  # structural memo entries (read-only once published)
     nbytes: int = 0  # bytes of the index tensors
-    #: traced sweeps per semiring key (:mod:`~inseq_semiring.traced_sweep`, ``compile="all"``), each set once
+    #: traced sweeps (:mod:`~inseq_semiring.traced_sweep`, ``compile="all"``): a program or a refusal per semiring
+    #: key, and ``"fits"`` (whether the tapes are small enough to trace); each entry set once
     sweeps: dict = field(default_factory=dict)
 
     def matches(self, tape: Tape) -> bool:
