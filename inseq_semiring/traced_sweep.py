@@ -42,6 +42,7 @@ import torch.fx as fx
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves, tree_map
 
+from .graph.compiled import same_value
 from .graph.tape import Tape
 from .kernels.extension import kernels_off
 from .rules.jacobians import device_branch
@@ -236,16 +237,6 @@ def _written(func, args, kwargs) -> list[torch.Tensor]:
     return out
 
 
-def _bits_equal(a, b) -> bool:
-    if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor):
-        return False
-    if a.dtype != b.dtype or a.shape != b.shape:
-        return False
-    if a.is_floating_point():
-        return bool(((a == b) | (a.isnan() & b.isnan())).all())
-    return bool((a == b).all())
-
-
 #: Semirings whose sweep ``compile="all"`` traces (signed maxpath needs its compiled kernels to be fast; back-pointer
 #: trails are Python dicts filled during the sweep).
 TRACED_SEMIRINGS = ("gradient", "flow", "entropy", "maxpath")
@@ -314,7 +305,7 @@ def trace(tape: Tape, sweep_fn: Callable[[Tape], tuple]) -> tuple[tuple, Program
     except Exception as exc:  # an operator or argument TorchScript cannot take
         first = (str(exc).strip().splitlines() or [""])[0][:200]
         return raw, Refused(f"TorchScript could not take the traced sweep ({type(exc).__name__}: {first})")
-    if len(check) != len(flat) or not all(map(_bits_equal, check, flat)):
+    if len(check) != len(flat) or not all(map(same_value, check, flat)):
         return raw, Refused("the scripted sweep differs from the traced one")
     return raw, Program(script, _meta(tensors), pattern, spec)
 

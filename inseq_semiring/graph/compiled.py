@@ -221,7 +221,9 @@ def _build(log: list, record_calls: Sequence[int], checked: Tape, graph_inputs: 
 
 
 # -- checking the capture against the model ---------------------------------------------------------------------------
-def _same(a, b) -> bool:
+def same_value(a, b) -> bool:
+    """Equal bit for bit: tensors of one shape, dtype and device with equal values (NaN equal to NaN), or equal
+    Python values."""
     if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
         if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
             return False
@@ -253,9 +255,9 @@ def _disagreement(captured: Tape, checked: Tape) -> str | None:
     for a, b in zip(captured.records, checked.records):
         if a.decomposed_from is not b.decomposed_from:
             return f"record {b.index} ({b.op}) was decomposed differently"
-        if len(a.leaves) != len(b.leaves) or not all(map(_same, a.leaves, b.leaves)):
+        if len(a.leaves) != len(b.leaves) or not all(map(same_value, a.leaves, b.leaves)):
             return f"record {b.index} ({b.op}, module '{b.module_path}') has other arguments"
-        if len(a.outputs) != len(b.outputs) or not all(map(_same, a.outputs, b.outputs)):
+        if len(a.outputs) != len(b.outputs) or not all(map(same_value, a.outputs, b.outputs)):
             return f"record {b.index} ({b.op}, module '{b.module_path}') has other values"
     return None
 
