@@ -54,6 +54,7 @@ METHODS = [
     ("flow, compile='all'", "flow", {"compile": "all"}),
     ("entropy, compile='all'", "entropy", {"compile": "all"}),
     ("maxpath abs, compile='all'", "maxpath", {"compile": "all"}),
+    ("maxpath abs + back-pointers, compile='all'", "maxpath", {"backpointers": True, "compile": "all"}),
 ]
 
 

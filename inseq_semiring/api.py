@@ -159,25 +159,26 @@ def run(
                                 f"{resolve(decomposition).name!r}", where="run(tape=...)",
                                 fix="record a new tape (pass tape=None) or leave decomposition out")
     _check_root(tape)
-    trail: dict[int, Any] = {}
-    keep = trail.__setitem__ if backpointers else None
     replay = tape.plan if plan is not None and tape.plan is plan else None
     memo = {} if replay is None else replay.memo()
 
     def sweep_raw(t: Tape) -> tuple:
-        env = sweep(t, ring, ring.seed(t.root), rules=rules, on_complete=keep,
+        """The raw value of each input and, with back-pointers, the trail as (node id, value) pairs in the order
+        the sweep completed them (fixed by the plan, so a traced sweep gives them back the same way)."""
+        trail: dict[int, Any] = {}
+        env = sweep(t, ring, ring.seed(t.root), rules=rules, on_complete=trail.__setitem__ if backpointers else None,
                     plan_rules=None if replay is None else replay.rules)
-        return tuple(env.get(tid) for tid in t.input_ids)
+        return tuple(env.get(tid) for tid in t.input_ids), tuple(trail.items())
 
     with torch.no_grad(), sweep_scope(memo):
-        if compile == "all" and traced_sweep.traces(semiring, sign, backpointers) and traced_sweep.fits(tape):
-            raw = traced_sweep.swept(replay, (semiring, sign, granularity), tape, sweep_raw)
+        if compile == "all" and traced_sweep.traces(semiring, sign) and traced_sweep.fits(tape):
+            raw, trail = traced_sweep.swept(replay, (semiring, sign, granularity, backpointers), tape, sweep_raw)
         else:
-            raw = sweep_raw(tape)
+            raw, trail = sweep_raw(tape)
         values = tuple(ring.finalize(r, x) for r, x in zip(raw, inputs))
     if plan_key is not None and replay is None:  # first call of this key, or the graph changed: (re)plan
         _plan.PLANS.put(model, plan_key, _plan.build(tape, rules, memo), keep=(rules, decomposition))
-    return SemiringResult(values, raw, tape, ring, trail)
+    return SemiringResult(values, raw, tape, ring, dict(trail))
 
 
 def semiring_backward(

@@ -8,9 +8,13 @@ whose inputs are the tape's tensors (the model's weights among them, so writes t
 graph with TorchScript, and later calls run the script on the new tape's tensors: one loop of the C++ interpreter
 (graph optimisations off, so exactly the logged operators) instead of Python rules, kinds and pulls per record.
 
-Faithful or refused. While the trace is taken the compiled kernels are off (:func:`~inseq_semiring.kernels.
-extension.kernels_off`: their loops are invisible to a dispatch mode) and the trace is given up, that call and the
-later ones of the key being swept eagerly (the reason: :func:`refused`), when
+The compiled kernels stay: while the trace is taken each kernel call goes through its dispatcher operator
+(:func:`~inseq_semiring.kernels.extension.kernels_visible`; ``torch.ops.inseq_semiring.max_times`` and the like), so
+the graph holds it as one opaque call that the replay makes again (a value-dependent branch inside a kernel is
+replayed with it). With back-pointers the trail (every node's value) is among the traced outputs.
+
+Faithful or refused. The trace is given up, that call and the later ones of the key being swept eagerly (the
+reason: :func:`refused`), when
 
 * a value that depends on the tape is read on the host (``.item()``, ``bool(t)``, ``nonzero``, ``equal``, a boolean
   mask), or an operator returns a Python value computed from one;
@@ -34,7 +38,6 @@ import math
 import operator
 import threading
 import warnings
-from contextlib import nullcontext
 from typing import Any, Callable
 
 import torch
@@ -44,7 +47,7 @@ from torch.utils._pytree import tree_leaves, tree_map
 
 from .graph.compiled import same_value
 from .graph.tape import Tape
-from .kernels.extension import kernels_off
+from .kernels.extension import kernels_visible
 from .rules.jacobians import device_branch
 
 aten = torch.ops.aten
@@ -237,20 +240,22 @@ def _written(func, args, kwargs) -> list[torch.Tensor]:
     return out
 
 
-#: Semirings whose sweep ``compile="all"`` traces (signed maxpath needs its compiled kernels to be fast; back-pointer
-#: trails are Python dicts filled during the sweep).
+#: Semirings whose sweep ``compile="all"`` traces (abs maxpath also with back-pointers: the trail is among the traced
+#: outputs). Signed maxpath is not: its device branch (masked forms for absent values) costs more than the
+#: interpreter saves (tiny models, 16 tokens: 1.1-2.1x the time of ``compile=True``, kernels kept).
 TRACED_SEMIRINGS = ("gradient", "flow", "entropy", "maxpath")
 
 
 #: The largest tensor (elements) of a tape whose sweep is traced. Larger tapes are where the kernels and the
-#: per-operator work, not the operator count, set the time (GPT-2 small at 64 tokens: entropy 9.4x autograd traced
-#: against 2.2x by default, and 4 minutes to trace), and the trace keeps every intermediate of the sweep alive.
+#: per-operator work, not the operator count, set the time, and there the device branch's dense work (no rows
+#: skipped) costs what the interpreter saves: GPT-2 small at 64 tokens, traced, ran at 1.03-1.10x the time of
+#: ``compile=True`` for every semiring (3-16 s to trace); the trace also keeps every intermediate alive.
 MAX_TRACED_ELEMENTS = 1 << 16
 
 
-def traces(semiring: str, sign: str = "abs", backpointers: bool = False) -> bool:
+def traces(semiring: str, sign: str = "abs") -> bool:
     """Whether ``compile="all"`` traces this semiring's sweep (otherwise the call runs as with ``compile=True``)."""
-    return semiring in TRACED_SEMIRINGS and sign == "abs" and not backpointers
+    return semiring in TRACED_SEMIRINGS and sign == "abs"
 
 
 def fits(tape: Tape) -> bool:
@@ -268,22 +273,22 @@ def fits(tape: Tape) -> bool:
 
 
 def _eager(tape: Tape, sweep_fn: Callable[[Tape], tuple]) -> tuple:
-    """The sweep a trace would log: the device branch, on the CPU with the kernels off (elsewhere it is never
-    traced, and keeps its kernels)."""
-    with device_branch(), kernels_off() if tape.root.device.type == "cpu" else nullcontext():
+    """The sweep a trace would log, run eagerly: the device branch (with the compiled kernels called directly)."""
+    with device_branch():
         return sweep_fn(tape)
 
 
 def trace(tape: Tape, sweep_fn: Callable[[Tape], tuple]) -> tuple[tuple, Program | Refused]:
-    """Run ``sweep_fn(tape)`` (the sweep, giving one raw value per input) once under the logger, in the device
-    branch with the kernels off, and script what it ran; returns its result and the program (or why not)."""
+    """Run ``sweep_fn(tape)`` (the sweep: the raw values, as tensors in tuples and dataclasses) once under the
+    logger, in the device branch with the kernels visible, and script what it ran; returns its result and the
+    program (or why not)."""
     if tape.irregular:
         why = f"the forward needed special handling ({', '.join(sorted(tape.irregular))})"
         return _eager(tape, sweep_fn), Refused(why)
     tensors, pattern = tape_tensors(tape)
     log = _Logger(tensors)
     try:
-        with device_branch(), kernels_off(), log:
+        with device_branch(), kernels_visible(), log:
             raw = sweep_fn(tape)
     except _Refuse as why:
         return _eager(tape, sweep_fn), Refused(str(why))
@@ -321,7 +326,7 @@ def replay(program: Program, tape: Tape) -> tuple | None:
 
 
 def swept(plan, key: tuple, tape: Tape, sweep_fn: Callable[[Tape], tuple]) -> tuple:
-    """The raw values of the traceable sweep (device branch, kernels off) of ``tape`` under ``key`` (the semiring
+    """The raw values of the traceable sweep (the device branch) of ``tape`` under ``key`` (the semiring
     and its options): replayed from ``plan``'s program for ``key``, traced on its first call, swept eagerly when
     refused, when the tape does not fit, off the CPU, or without a plan (``plan=None``)."""
     entry = None if plan is None else plan.sweeps.get(key)

@@ -18,13 +18,14 @@ import inseq_semiring as isr
 import tiny_models as tm
 from inseq_semiring import traced_sweep
 from inseq_semiring.errors import InvalidInputError
-from inseq_semiring.kernels.extension import kernels_off
 from inseq_semiring.rules.jacobians import device_branch
 
 torch.set_num_threads(1)
 
 MODES = {"gradient": ("gradient", {}), "flow": ("flow", {}), "entropy": ("entropy", {}), "maxpath": ("maxpath", {}),
-         "maxpath tensor": ("maxpath", {"granularity": "tensor"})}
+         "maxpath tensor": ("maxpath", {"granularity": "tensor"}),
+         "maxpath back-pointers": ("maxpath", {"backpointers": True}),
+         "maxpath tensor back-pointers": ("maxpath", {"granularity": "tensor", "backpointers": True})}
 
 
 def _case(name):
@@ -43,13 +44,29 @@ def _run(*args, **kwargs):
 
 
 def _device_branch_reference(case, x, semiring, **options):
-    """The sweep a trace logs, run eagerly on a fresh recording: the device branch with the kernels off."""
-    with device_branch(), kernels_off():
+    """The sweep a trace logs, run eagerly on a fresh recording: the device branch, the kernels called directly."""
+    with device_branch():
         return isr.run(case.fn, x, semiring, model=case.model, plans=False, **options)
 
 
 def _key(semiring, options):
-    return (semiring, options.get("sign", "abs"), options.get("granularity", "scalar"))
+    return (semiring, options.get("sign", "abs"), options.get("granularity", "scalar"),
+            options.get("backpointers", False))
+
+
+def _trail_tensors(result):
+    """Every tensor of a back-pointer trail, in node order (values, scales, back-pointers)."""
+    out = []
+    for tid in sorted(result.trail):
+        v = result.trail[tid]
+        out += [v.hi, v.log_scale, *v.hi_src]
+    return out
+
+
+def _assert_same_result(got, want, what):
+    tm.assert_same_bits(got.values, want.values, what)
+    assert sorted(got.trail) == sorted(want.trail), what
+    tm.assert_same_bits(_trail_tensors(got), _trail_tensors(want), f"{what} (trail)")
 
 
 @pytest.fixture
@@ -78,13 +95,14 @@ def test_replayed_sweep_equals_the_device_branch_bit_for_bit(name, replays):
         assert plan is not None, mode
         assert traced_sweep.refused(plan, _key(semiring, options)) is None, (mode, plan.sweeps)
         assert isinstance(plan.sweeps[_key(semiring, options)], traced_sweep.Program), mode
-        tm.assert_same_bits(traced.values, _device_branch_reference(case, case.inputs, semiring, **options).values,
-              f"{name}/{mode} (tracing call)")
+        _assert_same_result(traced, _device_branch_reference(case, case.inputs, semiring, **options),
+                            f"{name}/{mode} (tracing call)")
         before = replays[0]
         replay = _run(case.fn, x, semiring, model=case.model, compile="all", **options)
         assert replays[0] == before + 1, f"{name}/{mode}: the sweep was not replayed"
         reference = _device_branch_reference(case, x, semiring, **options)
-        tm.assert_same_bits(replay.values, reference.values, f"{name}/{mode}")
+        _assert_same_result(replay, reference, f"{name}/{mode}")
+        assert bool(replay.trail) == options.get("backpointers", False), mode
         default = isr.run(case.fn, x, semiring, model=case.model, plans=False, **options)
         for a, b in zip(replay.values, default.values):  # the device branch only rounds differently
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6 * float(b.abs().max()))
@@ -93,6 +111,21 @@ def test_replayed_sweep_equals_the_device_branch_bit_for_bit(name, replays):
     replay = _run(case.fn, x, "gradient", model=case.model, compile="all")
     for g, v in zip(grads, replay.values):
         torch.testing.assert_close(v, g, rtol=1e-4, atol=1e-5 * float(g.abs().max()))
+
+
+def test_a_traced_sweep_keeps_the_compiled_kernels():
+    from inseq_semiring.kernels import maxtimes, rowcore, xlogx
+
+    if any(ext.load() is None for ext in (maxtimes.EXTENSION, rowcore.EXTENSION, xlogx.EXTENSION)):
+        pytest.skip("the compiled kernels are not available here")
+    case = _case("gpt2")
+    want = {"entropy": {"inseq_semiring::abs_neg_xlogx", "inseq_semiring::core_pull_sum"},
+            "maxpath": {"inseq_semiring::max_times", "inseq_semiring::core_pull_max"}}
+    for semiring, kernels in want.items():
+        for _ in range(2):  # plan, then trace
+            got = _run(case.fn, case.inputs, semiring, model=case.model, compile="all")
+        graph = str(got.tape.plan.sweeps[_key(semiring, {})].script.graph)
+        assert all(k in graph for k in kernels), (semiring, kernels)
 
 
 def test_weight_writes_through_data_are_followed(replays):
@@ -175,8 +208,8 @@ def test_a_tape_that_does_not_fit_the_trace_is_not_replayed():
 def test_untraced_modes_run_as_compile_true():
     case = _case("llama")
     x = tm.new_inputs(case, seed=3)
-    for options in ({"sign": "positive"}, {"backpointers": True}):
-        assert not traced_sweep.traces("maxpath", options.get("sign", "abs"), options.get("backpointers", False))
+    for options in ({"sign": "positive"}, {"sign": "negative", "backpointers": True}):
+        assert not traced_sweep.traces("maxpath", options.get("sign", "abs"))
         for _ in range(2):
             got = _run(case.fn, x, "maxpath", model=case.model, compile="all", **options)
         want = _run(case.fn, x, "maxpath", model=case.model, compile=True, **options)
@@ -231,7 +264,7 @@ def test_a_refused_sweep_warns_once_and_keeps_the_eager_values(monkeypatch):
     _run(case.fn, case.inputs, "gradient", model=case.model, compile="all")  # plans
     with pytest.warns(UserWarning, match="sweep of this shape is not traced .*reads a value on the host"):
         first = isr.run(case.fn, case.inputs, "gradient", model=case.model, compile="all")
-    assert "reads a value on the host" in traced_sweep.refused(first.tape.plan, ("gradient", "abs", "scalar"))
+    assert "reads a value on the host" in traced_sweep.refused(first.tape.plan, _key("gradient", {}))
     x = tm.new_inputs(case, seed=9)
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # once per plan and semiring

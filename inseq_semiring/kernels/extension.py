@@ -42,23 +42,48 @@ def _flag(name: str) -> bool:
 
 
 def _env_no_ext() -> bool:
-    """The compiled kernels are off: ``$INSEQ_SEMIRING_NO_EXT=1``, or inside :func:`kernels_off`."""
-    return _KERNELS_OFF.get() or _flag(NO_EXT_ENV)
+    """The compiled kernels are off: ``$INSEQ_SEMIRING_NO_EXT=1``."""
+    return _flag(NO_EXT_ENV)
 
 
-#: Set (per thread / task) by :func:`kernels_off`.
-_KERNELS_OFF: ContextVar[bool] = ContextVar("inseq_semiring_kernels_off", default=False)
+#: Set (per thread / task) by :func:`kernels_visible`.
+_VISIBLE: ContextVar[bool] = ContextVar("inseq_semiring_kernels_visible", default=False)
+
+#: The dispatcher namespace of the kernel operators (``torch.ops.inseq_semiring``); defined once, at import.
+_LIBRARY = torch.library.Library("inseq_semiring", "FRAGMENT")
 
 
 @contextmanager
-def kernels_off():
-    """Inside the block every compiled kernel is unavailable and callers run their PyTorch code (the same values):
-    a kernel's loops are invisible to a dispatch mode, so :mod:`~inseq_semiring.traced_sweep` traces without them."""
-    token = _KERNELS_OFF.set(True)
+def kernels_visible():
+    """Inside the block each compiled kernel call goes through its dispatcher operator
+    (``torch.ops.inseq_semiring.<name>``, see :func:`dispatcher_op`), so a dispatch mode sees it as one call and a
+    traced graph keeps it (:mod:`~inseq_semiring.traced_sweep`); outside, the kernel is called directly (the same
+    values, without the dispatcher's ~10 µs)."""
+    token = _VISIBLE.set(True)
     try:
         yield
     finally:
-        _KERNELS_OFF.reset(token)
+        _VISIBLE.reset(token)
+
+
+def visible() -> bool:
+    """Whether kernel calls go through their dispatcher operators here (inside :func:`kernels_visible`)."""
+    return _VISIBLE.get()
+
+
+def dispatcher_op(name: str, schema: str, kernel):
+    """``kernel`` (tensors and flags in, a tuple of fresh tensors out; its CPU loops are opaque to PyTorch) as the
+    CPU operator ``inseq_semiring::name`` of ``schema`` (e.g. ``"(Tensor a, bool f) -> (Tensor, Tensor)"``).
+    Returns the function callers use: the operator inside :func:`kernels_visible`, ``kernel`` itself elsewhere."""
+    _LIBRARY.define(name + schema)
+    _LIBRARY.impl(name, kernel, "CPU")
+    op = getattr(torch.ops.inseq_semiring, name).default
+
+    def call(*args):
+        return op(*args) if _VISIBLE.get() else kernel(*args)
+
+    call.__name__, call.__doc__, call.op = name, kernel.__doc__, op
+    return call
 
 
 def _note(reason: str) -> None:
@@ -121,6 +146,13 @@ class CompiledExtension:
         self.build_seconds: float | None = None
         self._lock = threading.Lock()
 
+    def op(self, function: str, schema: str):
+        """The extension's ``function`` (whose result is a sequence of fresh tensors) as the dispatcher operator
+        ``inseq_semiring::<function without _cpu>`` of ``schema`` (:func:`dispatcher_op`); callers load the
+        extension first."""
+        return dispatcher_op(function.removesuffix("_cpu"), schema,
+                             lambda *args: tuple(getattr(self.load(), function)(*args)))
+
     def build_dir(self) -> tuple[str, Path]:
         key = "\n".join([self.source, " ".join(self.cflags), *environment_key()])
         name = f"inseq_semiring_{self.name}_{hashlib.sha256(key.encode()).hexdigest()[:16]}"
@@ -133,8 +165,6 @@ class CompiledExtension:
 
     def load(self, stacklevel: int = 2):
         """``stacklevel``: frames from this method to the user code, for the one-time warning."""
-        if _KERNELS_OFF.get():
-            return None
         if self.module is not None or self.failed or _env_no_ext():
             return self.module
         with self._lock:

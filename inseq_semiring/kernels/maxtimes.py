@@ -55,7 +55,7 @@ import torch
 from torch import Tensor
 
 from ..rules import jacobians as _jacobians
-from .extension import NO_EXT_ENV, CompiledExtension, _env_no_ext, _short_reason  # noqa: F401  (NO_EXT_ENV re-exported)
+from .extension import NO_EXT_ENV, CompiledExtension, _env_no_ext, _short_reason, dispatcher_op  # noqa: F401  (NO_EXT_ENV re-exported)
 
 __all__ = ["max_times", "min_times", "max_times_abs", "max_min_pair", "fuses", "active_backend", "extension_build_seconds",
            "NO_EXT_ENV"]
@@ -854,11 +854,24 @@ def _nan_fixup(a: Tensor, b: Tensor, out: Tensor) -> None:
     out.masked_fill_(mask, float("nan"))
 
 
-def _cpp_backend(ext, a: Tensor, b: Tensor, argmax: bool, absb: bool = False) -> tuple[Tensor, Tensor | None]:
-    """``a`` contiguous, ``b`` any strides (read in place); ``absb``: the product with ``|b|``."""
-    out, idx, nonfinite = ext.max_times_cpu(a, b, argmax, absb)
+def _kernel_max_times(a: Tensor, b: Tensor, argmax: bool, absb: bool) -> tuple[Tensor, Tensor]:
+    """The C++ max-times of 3-D ``a`` (contiguous) and ``b`` (any strides; ``absb``: ``|b|``), NaN rule applied:
+    ``(values, winning k)`` (an empty index without ``argmax``)."""
+    out, idx, nonfinite = EXTENSION.load().max_times_cpu(a, b, argmax, absb)
     if nonfinite:
         _nan_fixup(a, b, out)  # |b| has the NaN / inf / zero pattern of b
+    return out, idx
+
+
+#: The kernel as the operator ``torch.ops.inseq_semiring.max_times`` (one opaque call in a traced sweep).
+_max_times_kernel = dispatcher_op("max_times", "(Tensor a, Tensor b, bool argmax, bool absb) -> (Tensor, Tensor)",
+                                  _kernel_max_times)
+
+
+def _cpp_backend(a: Tensor, b: Tensor, argmax: bool, absb: bool = False) -> tuple[Tensor, Tensor | None]:
+    """``a`` contiguous, ``b`` any strides (read in place); ``absb``: the product with ``|b|``. The extension is
+    loaded (callers checked)."""
+    out, idx = _max_times_kernel(a, b, argmax, absb)
     return out, (idx if argmax else None)
 
 
@@ -942,7 +955,7 @@ def _max_times_impl(a: Tensor, b: Tensor, argmax: bool, fname: str, backend: str
         else:
             ext = None
         if ext is not None:
-            out, idx = _cpp_backend(ext, a3, b3, argmax)
+            out, idx = _cpp_backend(a3, b3, argmax)
         else:
             out, idx = _torch_backend(a3, b3.contiguous(), argmax)
         out = out.reshape(*batch, m, n)
@@ -1008,7 +1021,7 @@ def max_times_abs(a: Tensor, b: Tensor, *, argmax: bool = False):
     if a.numel() == 0 or b.numel() == 0:
         return max_times(a, b.abs(), argmax=argmax)
     with torch.no_grad():
-        out, idx = _cpp_backend(ext, a.reshape(-1, m, k).contiguous(), b.reshape(-1, k, n), argmax, absb=True)
+        out, idx = _cpp_backend(a.reshape(-1, m, k).contiguous(), b.reshape(-1, k, n), argmax, absb=True)
     out = out.reshape(*batch, m, n)
     return (out, idx.reshape(*batch, m, n)) if argmax else out
 
@@ -1027,14 +1040,30 @@ def max_min_pair(h: Tensor, l: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
             and h.numel() and b.numel():
         batch, (m, k), n = h.shape[:-2], h.shape[-2:], b.shape[-1]
         with torch.no_grad():
-            hi, lo, bad = ext.max_min_pair_cpu(h.reshape(-1, m, k).contiguous(), l.reshape(-1, m, k).contiguous(),
-                                               b.reshape(-1, k, n))
-        if not bad:
-            return hi.reshape(*batch, m, n), lo.reshape(*batch, m, n)
+            hi, lo = _max_min_pair_kernel(h.reshape(-1, m, k).contiguous(), l.reshape(-1, m, k).contiguous(),
+                                          b.reshape(-1, k, n))
+        return hi.reshape(*batch, m, n), lo.reshape(*batch, m, n)
+    return _four_products(h, l, b)
+
+
+def _four_products(h: Tensor, l: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    """:func:`max_min_pair` as four max-/min-times products (any input, NaN / inf included)."""
     both = torch.cat([h, l], -2)
     mx, mn = max_times(both, b), min_times(both, b)
     r = h.shape[-2]
     return torch.maximum(mx[..., :r, :], mx[..., r:, :]), torch.minimum(mn[..., :r, :], mn[..., r:, :])
+
+
+def _kernel_max_min_pair(h: Tensor, l: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    """The C++ signed pair pull of 3-D ``h``, ``l`` (contiguous) and ``b``; the four-product form where an input
+    holds NaN / inf (the kernel says so)."""
+    hi, lo, bad = EXTENSION.load().max_min_pair_cpu(h, l, b)
+    return _four_products(h, l, b) if bad else (hi, lo)
+
+
+#: The kernel as the operator ``torch.ops.inseq_semiring.max_min_pair``.
+_max_min_pair_kernel = dispatcher_op("max_min_pair", "(Tensor h, Tensor l, Tensor b) -> (Tensor, Tensor)",
+                                     _kernel_max_min_pair)
 
 
 def fuses(a: Tensor, b: Tensor) -> bool:

@@ -475,6 +475,12 @@ _EXT_CFLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", 
 EXTENSION = CompiledExtension("rowcore", _CPP_SOURCE, _EXT_CFLAGS, "layer-norm core")
 
 
+#: The kernels as dispatcher operators (one opaque call each in a traced sweep).
+_core_pull_sum_kernel = EXTENSION.op(
+    "core_pull_sum_cpu", "(Tensor xh, Tensor p, Tensor q, Tensor pb, bool has_q, bool has_pb) -> (Tensor, Tensor)")
+_core_pull_max_kernel = EXTENSION.op("core_pull_max_cpu", "(Tensor xh, Tensor p, bool argmax) -> (Tensor, Tensor)")
+
+
 def _load_ext():
     """The compiled module (built on first use), or None if unavailable."""
     return EXTENSION.load()
@@ -632,7 +638,7 @@ def core_pull_sum(
     with torch.no_grad():
         ext = _select("core_pull_sum", x2, _backend)
         if ext is not None:
-            z, u = ext.core_pull_sum_cpu(x2, p2, q2 if q2 is not None else p2, b2 if b2 is not None else p2,
+            z, u = _core_pull_sum_kernel(x2, p2, q2 if q2 is not None else p2, b2 if b2 is not None else p2,
                                          q2 is not None, b2 is not None)
             if q2 is None and b2 is None:
                 u = None
@@ -654,7 +660,7 @@ def core_pull_max(xh: Tensor, p: Tensor, *, index: bool = True, _backend: str | 
     with torch.no_grad():
         ext = _select("core_pull_max", x2, _backend)
         if ext is not None:
-            v, i = ext.core_pull_max_cpu(x2, p2, index)
+            v, i = _core_pull_max_kernel(x2, p2, index)
             if not index:
                 return v.reshape(xh.shape), None
         else:

@@ -325,6 +325,12 @@ _EXT_CFLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", 
 
 EXTENSION = CompiledExtension("signed_rowcore", _CPP_KERNEL, _EXT_CFLAGS, "signed row-dense")
 
+#: The kernels as dispatcher operators (one opaque call each in a traced sweep).
+_rank1_kernel = EXTENSION.op("signed_rank1_pull_cpu",
+                             "(Tensor d, Tensor u, Tensor v, Tensor h, Tensor l) -> (Tensor, Tensor, Tensor, Tensor)")
+_core_kernel = EXTENSION.op("signed_core_pull_cpu",
+                            "(Tensor xh, Tensor pmax, Tensor pmin, bool argmax) -> (Tensor, Tensor, Tensor, Tensor)")
+
 
 def active_backend(device: str | torch.device = "cpu") -> str:
     """``"cpp"`` or ``"torch"``: the backend float32/float64 tensors on ``device`` get (builds the kernel on CPU)."""
@@ -393,7 +399,7 @@ def signed_rank1_pull(d: Tensor, u: Tensor, v: Tensor, hi: Tensor, lo: Tensor):
     n = hi.shape[-1]
     flat = [t.detach().expand(hi.shape).reshape(-1, n).contiguous() for t in (d, u, v, hi, lo)]
     with torch.no_grad():
-        out = ext.signed_rank1_pull_cpu(*flat)
+        out = _rank1_kernel(*flat)
     return tuple(t.reshape(hi.shape) for t in out)
 
 
@@ -407,7 +413,7 @@ def signed_core_pull(xh: Tensor, pmax: Tensor, pmin: Tensor, *, index: bool = Tr
     x2, px, pn = (t.detach().to(dtype).reshape(-1, n).contiguous() for t in (xh, pmax, pmin))
     ext = _extension(x2.device, dtype, _backend, "signed_core_pull")
     with torch.no_grad():
-        out = ext.signed_core_pull_cpu(x2, px, pn, index) if ext is not None else _torch_pull(x2, px, pn)
+        out = _core_kernel(x2, px, pn, index) if ext is not None else _torch_pull(x2, px, pn)
     if not index:
         return out[0].reshape(shape), None, out[2].reshape(shape), None
     return tuple(t.reshape(shape) for t in out)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .extension import CompiledExtension
+from .extension import CompiledExtension, visible
 from .vecmath import VECMATH_CPP
 
 _CPP = VECMATH_CPP + r"""
@@ -252,6 +252,13 @@ EXTENSION = CompiledExtension("xlogx", _CPP, ["-O3", "-march=native", "-fno-math
                               "weight-map (|w|, -|w| log|w|)")
 
 
+#: The kernels as dispatcher operators (one opaque call each in a traced sweep).
+_maps_kernel = EXTENSION.op("abs_neg_xlogx_cpu", "(Tensor w) -> (Tensor, Tensor)")
+_pair_products_kernel = EXTENSION.op("pair_products_cpu", "(Tensor aa, Tensor ab, Tensor w) -> (Tensor, Tensor)")
+_rank1_pull_kernel = EXTENSION.op(
+    "rank1_pull_cpu", "(Tensor d, Tensor u, Tensor v, Tensor z, Tensor q, bool has_q) -> (Tensor, Tensor)")
+
+
 def _smallest_subnormal(dtype: torch.dtype) -> float:
     info = torch.finfo(dtype)
     return info.smallest_normal * info.eps
@@ -276,7 +283,7 @@ def abs_and_neg_xlogx(w: Tensor, *, backend: str | None = None, out: tuple[Tenso
     if (backend or active_backend(w)) == "torch" or w.numel() == 0:
         return _torch_backend(w)
     ext = EXTENSION.load()
-    if out is not None and w.dim() == 2 and all(b.dtype == w.dtype and b.numel() >= w.numel() for b in out):
+    if out is not None and not visible() and w.dim() == 2 and all(b.dtype == w.dtype and b.numel() >= w.numel() for b in out):
         t = w.dim() == 2 and w.stride(0) == 1 and w.stride(1) != 1
         src = w.t() if t else w
         if src.shape[1] <= 1 or src.stride(1) == 1:
@@ -284,12 +291,12 @@ def abs_and_neg_xlogx(w: Tensor, *, backend: str | None = None, out: tuple[Tenso
             ext.abs_neg_xlogx_out_cpu(src, a, b)
             return (a.t(), b.t()) if t else (a, b)
     if w.dim() == 2 and w.stride(0) == 1 and w.stride(1) != 1:  # a transposed matrix: map its rows, give it back
-        a, b = ext.abs_neg_xlogx_cpu(w.t())
+        a, b = _maps_kernel(w.t())
         return a.t(), b.t()
     if w.dim() == 2 and (w.shape[1] <= 1 or w.stride(1) == 1):
-        return tuple(ext.abs_neg_xlogx_cpu(w))
+        return _maps_kernel(w)
     flat = w.contiguous().reshape(1, -1)
-    a, b = ext.abs_neg_xlogx_cpu(flat)
+    a, b = _maps_kernel(flat)
     return a.reshape(w.shape), b.reshape(w.shape)
 
 
@@ -310,7 +317,7 @@ def pair_products(a_abs: Tensor | None, a_nlogn: Tensor | None, w: Tensor, *,
     aa = empty if a_abs is None else (a_abs if a_abs.shape[1] <= 1 or a_abs.stride(1) == 1 else a_abs.contiguous())
     ab = empty if a_nlogn is None else (a_nlogn if a_nlogn.shape[1] <= 1 or a_nlogn.stride(1) == 1
                                         else a_nlogn.contiguous())
-    oa, ob = EXTENSION.load().pair_products_cpu(aa, ab, w)
+    oa, ob = _pair_products_kernel(aa, ab, w)
     return (None if a_abs is None else oa, None if a_nlogn is None else ob)
 
 
@@ -326,5 +333,5 @@ def rank1_pull(d: Tensor, u: Tensor, v: Tensor, z: Tensor, q: Tensor | None) -> 
     flat = [t.expand(z.shape).contiguous().reshape(-1, n) for t in ts]
     if q is None:
         flat.append(flat[3].new_empty(0))
-    oz, oq = EXTENSION.load().rank1_pull_cpu(*flat[:5], q is not None)
+    oz, oq = _rank1_pull_kernel(*flat[:5], q is not None)
     return oz.reshape(z.shape), None if q is None else oq.reshape(z.shape)
