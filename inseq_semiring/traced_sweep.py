@@ -57,6 +57,12 @@ _HOST_READS = {aten._local_scalar_dense.default, aten.nonzero.default, aten.is_n
                aten.equal.default, aten.masked_select.default, aten.nonzero_static.default,
                aten.unique_consecutive.default, aten._unique2.default}
 _MASK_INDEXING = {aten.index.Tensor, aten.index_put.default, aten.index_put_.default}
+#: Operators whose result depends on their tensor arguments' shapes and dtypes only (not on the values).
+_METADATA_ONLY = {aten.ones_like.default, aten.zeros_like.default, aten.full_like.default, aten.new_ones.default,
+                  aten.new_zeros.default, aten.new_full.default}
+#: Operators whose result is not a function of their arguments (never folded).
+_UNFOLDED = {aten.empty.memory_format, aten.empty_like.default, aten.new_empty.default, aten.empty_strided.default,
+             aten.new_empty_strided.default}
 
 _LOCK = threading.Lock()
 
@@ -158,6 +164,9 @@ class _Logger(TorchDispatchMode):
         self.keep: list = list(inputs)  # every tensor seen stays alive, so ids and storages stay unique
         self.dependent = {_storage(t) for t in inputs if t.numel()}
         self.external = set(self.dependent)  # storages the sweep must not write into
+        self.fixed: dict[fx.Node, torch.Tensor] = {}  # results computed from nothing the replay can change
+        self.pure: set[fx.Node] = set()  # calls that write nothing and depend on nothing outside the sweep
+        self.written: set[int] = set()  # storages any call wrote into
         for i, t in enumerate(inputs):
             self.nodes.setdefault(id(t), self.graph.placeholder(f"t{i}"))
 
@@ -180,7 +189,12 @@ class _Logger(TorchDispatchMode):
         tensors = [x for x in tree_leaves((args, kwargs)) if isinstance(x, torch.Tensor)]
         for t in tensors:
             self._node(t)  # constants get their nodes (and storages) before the call can write into them
-        depends = any(map(self._depends, tensors))
+        depends = func not in _METADATA_ONLY and any(map(self._depends, tensors))
+        if func is aten.detach.default:  # under no_grad an alias of its argument: replayed as the argument itself
+            out = func(*args, **kwargs)
+            self.keep.append(out)
+            self.nodes[id(out)] = self.nodes[id(args[0])]
+            return out
         if depends and func in _HOST_READS:
             raise _Refuse(f"the sweep reads a value on the host ({func})")
         if depends and func in _MASK_INDEXING and any(
@@ -191,28 +205,51 @@ class _Logger(TorchDispatchMode):
             if t.numel() and _storage(t) in self.external:
                 raise _Refuse(f"the sweep writes into a tape tensor or a constant ({func})")
         out = func(*args, **kwargs)
-        if depends:
-            for t in written:
-                if t.numel():
+        for t in written:
+            if t.numel():
+                self.written.add(_storage(t))
+                if depends:
                     self.dependent.add(_storage(t))
+        fixed = (not written and func not in _UNFOLDED and torch.Tag.nondeterministic_seeded not in func.tags
+                 and all(self.nodes[id(t)] in self.fixed or func in _METADATA_ONLY for t in tensors))
         node = self.graph.call_function(func.overloadpacket, *_node_args(self, args, kwargs))
+        if fixed:
+            self.pure.add(node)
         self.keep.append(out)
         if isinstance(out, torch.Tensor):
-            self._produced(out, node, depends)
+            self._produced(out, node, depends, fixed)
         elif isinstance(out, (tuple, list)):
             for i, o in enumerate(out):
                 if isinstance(o, torch.Tensor):
-                    self._produced(o, self.graph.call_function(operator.getitem, (node, i)), depends)
+                    self._produced(o, self.graph.call_function(operator.getitem, (node, i)), depends, fixed)
                 elif depends and o is not None:
                     raise _Refuse(f"{func} returns a Python value computed from the tape")
         elif depends and out is not None:
             raise _Refuse(f"{func} returns a Python value computed from the tape")
         return out
 
-    def _produced(self, t: torch.Tensor, node: fx.Node, depends: bool) -> None:
+    def _produced(self, t: torch.Tensor, node: fx.Node, depends: bool, fixed: bool) -> None:
         self.nodes[id(t)] = node
         if depends and t.numel():
             self.dependent.add(_storage(t))
+        if fixed:
+            self.fixed[node] = t
+
+    def fold(self, outputs: list[torch.Tensor]) -> None:
+        """Replace every fixed result that no call wrote into and that is not (a view of) an output by a constant,
+        and drop the calls left without users: the replay computes only what depends on the tape."""
+        keep = self.written | {_storage(t) for t in outputs}
+        folded = {n for n, t in self.fixed.items() if not t.numel() or _storage(t) not in keep}
+        for node, t in self.fixed.items():
+            if node in folded and any(u not in folded for u in node.users):
+                name = f"k{len(self.constants)}"
+                self.constants[name] = t
+                with self.graph.inserting_before(node):
+                    const = self.graph.get_attr(name)
+                node.replace_all_uses_with(const, delete_user_cb=lambda u: u not in folded)
+        for node in reversed(list(self.graph.nodes)):
+            if (node in folded or node in self.pure) and not node.users:
+                self.graph.erase_node(node)
 
 
 def _node_args(log: _Logger, args, kwargs):
@@ -296,7 +333,12 @@ def trace(tape: Tape, sweep_fn: Callable[[Tape], tuple]) -> tuple[tuple, Program
     spec = _flatten(raw, flat)
     for t in flat:
         log._node(t)
-    log.graph.output(tuple(log.nodes[id(t)] for t in flat))
+    outs = []
+    for t in flat:  # an output that is an input or a constant is returned as a fresh tensor, never shared
+        node = log.nodes[id(t)]
+        outs.append(log.graph.call_function(aten.clone, (node,)) if node.op in ("placeholder", "get_attr") else node)
+    log.graph.output(tuple(outs))
+    log.fold(flat)
     root = torch.nn.Module()
     for name, c in log.constants.items():
         if isinstance(c, torch.Tensor):

@@ -165,8 +165,7 @@ class MaxPath(Semiring):
 
 def _src(m: Tensor, code: int, idx: Tensor, absent: Tensor) -> tuple[Tensor, Tensor]:
     """Back-pointers of a pull: ``(code, idx)`` where a value arrived, ``(NO_PATH, NO_PATH)`` where none did."""
-    codes = torch.full(m.shape, code, dtype=torch.long, device=m.device).masked_fill_(absent, NO_PATH)
-    return codes, torch.where(absent, NO_PATH, idx.to(torch.long))
+    return torch.where(absent, NO_PATH, code), torch.where(absent, NO_PATH, idx.to(torch.long))  # int64 (ints)
 
 
 def _keeps_scale(kind) -> bool:
