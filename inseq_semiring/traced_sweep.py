@@ -90,24 +90,13 @@ class Refused:
 def tape_tensors(tape: Tape) -> tuple[list[torch.Tensor], tuple[int, ...]]:
     """Every tensor of the tape's records (leaves, outputs) and its root, once each in tape order, and for every
     slot the position of its tensor in that list (the aliasing pattern)."""
-    seen: dict[int, int] = {}
-    order: list[torch.Tensor] = []
-    pattern = []
-    for rec in tape.records:
-        for group in (rec.leaves, rec.outputs):
-            for t in group:
-                if isinstance(t, torch.Tensor):
-                    i = seen.get(id(t))
-                    if i is None:
-                        i = seen[id(t)] = len(order)
-                        order.append(t)
-                    pattern.append(i)
-    i = seen.get(id(tape.root))
-    if i is None:
-        i = len(order)
-        order.append(tape.root)
-    pattern.append(i)
-    return order, tuple(pattern)
+    Tensor = torch.Tensor
+    flat = [t for rec in tape.records for group in (rec.leaves, rec.outputs) for t in group if isinstance(t, Tensor)]
+    flat.append(tape.root)
+    ids = list(map(id, flat))
+    position: dict[int, int] = {}
+    pattern = tuple([position.setdefault(i, len(position)) for i in ids])
+    return list(dict(zip(ids, flat)).values()), pattern  # first appearances, in order
 
 
 def _meta(tensors) -> tuple:

@@ -114,12 +114,15 @@ class MaxPath(Semiring):
         return replace(a, hi=_times(a.hi, fa) + _times(b.hi, fb), lo=lo, log_scale=top)
 
     def plus(self, a: MaxValue, b: MaxValue) -> MaxValue:
+        """The elementwise max (and min) of two values on a common scale. Not renormalised: when both values are
+        (largest magnitude 1), the one holding the larger scale keeps its entries exactly (factor ``exp(0)``) and the
+        other's shrink, so the result is too (and otherwise a value need not be: the next pull renormalises)."""
         a, b = self._settle(a), self._settle(b)
         fa, fb, top = _align(a, b)
         ah, bh = _times(a.hi, fa), _times(b.hi, fb)
-        if self.signed and not self.backpointers:  # the same values, no masks
-            return _renormalise(MaxValue(torch.maximum(ah, bh), torch.minimum(_times(a.lo, fa), _times(b.lo, fb)),
-                                         top))
+        if not self.backpointers:  # the same values, no masks
+            return MaxValue(torch.maximum(ah, bh),
+                            torch.minimum(_times(a.lo, fa), _times(b.lo, fb)) if self.signed else None, top)
         take_b = bh > ah
         hi = torch.where(take_b, bh, ah)
         hi_src = _select_src(take_b, b.hi_src, a.hi_src)
@@ -129,7 +132,7 @@ class MaxPath(Semiring):
             take_b_lo = bl < al
             lo = torch.where(take_b_lo, bl, al)
             lo_src = _select_src(take_b_lo, b.lo_src, a.lo_src)
-        return _renormalise(MaxValue(hi, lo, top, hi_src, lo_src))
+        return MaxValue(hi, lo, top, hi_src, lo_src)
 
     # -- internals --------------------------------------------------------------------------------------------
     def _make(self, hi, lo, log_scale, hi_idx, lo_idx, origin, keeps_scale: bool = False) -> MaxValue:
