@@ -187,6 +187,33 @@ def test_what_a_replay_would_get_wrong_is_refused():
     assert isinstance(ok, traced_sweep.Program)
 
 
+def test_fixed_results_are_folded_but_never_shared_or_stale():
+    case = _case("gpt2")
+    tape, sweep_fn = _tape_and_sweep(case)
+
+    def sweep_with_fixed(t):
+        grad = sweep_fn(t)[0]
+        n = grad.numel()
+        ramp = torch.arange(n, dtype=grad.dtype).reshape(grad.shape)  # fixed: folded into a constant
+        acc = torch.zeros(n, dtype=grad.dtype)  # fixed, then written with tape values: computed on every replay
+        acc.index_add_(0, torch.arange(n), grad.reshape(-1))
+        return grad * ramp, acc.reshape(grad.shape), torch.ones(3)  # the last output is fixed: copied out
+
+    raw, program = traced_sweep.trace(tape, sweep_with_fixed)
+    assert isinstance(program, traced_sweep.Program)
+    code = program.script.code
+    assert "arange" not in code and "zeros" in code and "index_add_" in code, code  # both ramps became constants
+    case = dataclasses.replace(case, inputs=tm.new_inputs(case, seed=2))
+    other, _ = _tape_and_sweep(case)
+    first = traced_sweep.replay(program, other)
+    want = traced_sweep._eager(other, sweep_with_fixed)
+    assert not torch.equal(want[1], raw[1])  # new values
+    tm.assert_same_bits(first, want)
+    first[2].add_(5.0)  # the caller's copy: the program's constant is untouched
+    second = traced_sweep.replay(program, other)
+    tm.assert_same_bits(second, want)
+
+
 def test_a_tape_that_does_not_fit_the_trace_is_not_replayed():
     case = _case("gpt2")
     tape, sweep_fn = _tape_and_sweep(case)
