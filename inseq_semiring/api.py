@@ -130,11 +130,10 @@ def run(
     replay its operators without the recorder while Dynamo's guards hold (:mod:`~inseq_semiring.graph.compiled`;
     same results, bit for bit; a forward it cannot replay faithfully is recorded, with a warning). ``compile="all"``:
     that, and on the CPU the sweep of each plan traced once into TorchScript and replayed by its interpreter
-    (:mod:`~inseq_semiring.traced_sweep`; gradient, flow, entropy and abs maxpath without back-pointers, on tapes
+    (:mod:`~inseq_semiring.traced_sweep`; gradient, flow, entropy and abs maxpath, back-pointers included, on tapes
     whose tensors have at most ``traced_sweep.MAX_TRACED_ELEMENTS`` elements; other calls as ``compile=True``; the
     values of the sweep's device branch, the same bits on every call, within float rounding of the default; meant
-    for small models and short inputs, where the per-operator cost dominates: the compiled kernels are off in that
-    sweep).
+    for small models and short inputs, where the per-operator cost dominates).
     """
     ring = make_semiring(semiring, sign=sign, granularity=granularity, backpointers=backpointers)
     inputs = _check_inputs(inputs)
