@@ -79,7 +79,7 @@ class Program:
     script: Any
     meta: tuple
     pattern: tuple
-    spec: Any
+    rebuild: Callable[[list], Any]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,7 +106,7 @@ def _meta(tensors) -> tuple:
 # -- the semiring values as flat tensors ---------------------------------------------------------------------------
 
 def _flatten(value, out: list) -> Any:
-    """Tensors of ``value`` appended to ``out``; returns the spec :func:`_unflatten` rebuilds it from (tuples, lists,
+    """Tensors of ``value`` appended to ``out``; returns the spec :func:`_rebuilder` rebuilds it from (tuples, lists,
     dataclasses such as :class:`~inseq_semiring.semirings.scaled.Scaled`; other leaves are kept as they are)."""
     if isinstance(value, torch.Tensor):
         out.append(value)
@@ -119,19 +119,42 @@ def _flatten(value, out: list) -> Any:
     return ("const", value)
 
 
-def _unflatten(spec, flat: list, pos: list) -> Any:
-    kind = spec[0]
-    if kind == "tensor":
-        pos[0] += 1
-        return flat[pos[0] - 1]
-    if kind == "const":
-        return spec[1]
-    if kind == "dataclass":
-        obj = object.__new__(spec[1])
-        for name, sub in spec[2]:
-            object.__setattr__(obj, name, _unflatten(sub, flat, pos))
-        return obj
-    return spec[0](_unflatten(s, flat, pos) for s in spec[1])
+def _rebuilder(spec) -> Callable[[list], Any]:
+    """The function that rebuilds the value ``spec`` describes from its flat tensors: one generated expression, so a
+    trail of hundreds of values costs one call (dataclasses are made without running ``__init__``)."""
+    names: dict[str, Any] = {"_new": _new}
+    pos = [0]
+
+    def expr(sp) -> str:
+        kind = sp[0]
+        if kind == "tensor":
+            pos[0] += 1
+            return f"f[{pos[0] - 1}]"
+        if kind == "const":
+            names[f"k{len(names)}"] = sp[1]
+            return f"k{len(names) - 1}"
+        if kind == "dataclass":
+            names[f"k{len(names)}"] = sp[1]
+            cls = f"k{len(names) - 1}"
+            return f"_new({cls}, ({''.join(f'({name!r}, {expr(sub)}), ' for name, sub in sp[2])}))"
+        items = "".join(f"{expr(sub)}, " for sub in sp[1])
+        if sp[0] is tuple:
+            return f"({items})"
+        if sp[0] is list:
+            return f"[{items}]"
+        names[f"k{len(names)}"] = sp[0]
+        return f"k{len(names) - 1}(({items}))"
+
+    body = expr(spec)
+    exec(f"def rebuild(f):\n    return {body}\n", names)  # noqa: S102 (our own expression of names and indices)
+    return names["rebuild"]
+
+
+def _new(cls, fields):
+    obj = object.__new__(cls)
+    for name, value in fields:
+        object.__setattr__(obj, name, value)
+    return obj
 
 
 # -- tracing -------------------------------------------------------------------------------------------------------
@@ -343,7 +366,7 @@ def trace(tape: Tape, sweep_fn: Callable[[Tape], tuple]) -> tuple[tuple, Program
         return raw, Refused(f"TorchScript could not take the traced sweep ({type(exc).__name__}: {first})")
     if len(check) != len(flat) or not all(map(same_value, check, flat)):
         return raw, Refused("the scripted sweep differs from the traced one")
-    return raw, Program(script, _meta(tensors), pattern, spec)
+    return raw, Program(script, _meta(tensors), pattern, _rebuilder(spec))
 
 
 def replay(program: Program, tape: Tape) -> tuple | None:
@@ -352,8 +375,8 @@ def replay(program: Program, tape: Tape) -> tuple | None:
     if pattern != program.pattern or _meta(tensors) != program.meta:
         return None
     with torch.no_grad(), torch.jit.optimized_execution(False):
-        flat = list(program.script(*tensors))
-    return _unflatten(program.spec, flat, [0])
+        flat = program.script(*tensors)
+    return program.rebuild(flat)
 
 
 def swept(plan, key: tuple, tape: Tape, sweep_fn: Callable[[Tape], tuple]) -> tuple:
