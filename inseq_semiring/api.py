@@ -24,6 +24,7 @@ from . import rules as _rules  # noqa: F401  (fills the rule table)
 from .decompositions import Decomposition, resolve
 from .errors import InvalidInputError
 from .graph.compiled import record_compiled
+from .graph.compiled import refused as refused_forward
 from .graph.model_state import attribution_mode
 from .graph.recorder import record
 from .graph.tape import Tape
@@ -171,7 +172,9 @@ def run(
 
     with torch.no_grad(), sweep_scope(memo):
         if compile == "all" and traced_sweep.traces(semiring, sign) and traced_sweep.fits(tape):
-            raw, trail = traced_sweep.swept(replay, (semiring, sign, granularity, backpointers), tape, sweep_raw)
+            recurs = tape.forward == "compiled" or refused_forward(model, fn) is not None
+            raw, trail = traced_sweep.swept(replay, (semiring, sign, granularity, backpointers), tape, sweep_raw,
+                                            recurs=recurs)
         else:
             raw, trail = sweep_raw(tape)
         values = tuple(ring.finalize(r, x) for r, x in zip(raw, inputs))

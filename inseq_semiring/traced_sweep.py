@@ -379,17 +379,21 @@ def replay(program: Program, tape: Tape) -> tuple | None:
     return program.rebuild(flat)
 
 
-def swept(plan, key: tuple, tape: Tape, sweep_fn: Callable[[Tape], tuple]) -> tuple:
+def swept(plan, key: tuple, tape: Tape, sweep_fn: Callable[[Tape], tuple], *, recurs: bool = True) -> tuple:
     """The raw values of the traceable sweep (the device branch) of ``tape`` under ``key`` (the semiring
-    and its options): replayed from ``plan``'s program for ``key``, traced on its first call, swept eagerly when
-    refused, when the tape does not fit, off the CPU, or without a plan (``plan=None``)."""
+    and its options): replayed from ``plan``'s program for ``key`` and the tape's forward (a recorded and a
+    replayed forward of one shape hold different tensors, so each has its own program), traced on its first call,
+    swept eagerly when refused, when the tape does not fit, off the CPU, without a plan (``plan=None``), or when
+    later calls will not give tapes like this one (``recurs=False``: the call that captures the compiled forward
+    records its tape, the later ones replay it)."""
+    key = (*key, tape.forward)
     entry = None if plan is None else plan.sweeps.get(key)
     cpu = tape.root.device.type == "cpu"
     if isinstance(entry, Program) and cpu:
         raw = replay(entry, tape)
         if raw is not None:
             return raw
-    if plan is None or entry is not None or not cpu:
+    if plan is None or entry is not None or not cpu or not recurs:
         return _eager(tape, sweep_fn)
     raw, entry = trace(tape, sweep_fn)
     with _LOCK:
@@ -400,7 +404,8 @@ def swept(plan, key: tuple, tape: Tape, sweep_fn: Callable[[Tape], tuple]) -> tu
     return raw
 
 
-def refused(plan, key: tuple) -> str | None:
-    """Why the sweep of ``plan`` under ``key`` is not replayed (None: it is, or it was never traced)."""
-    entry = plan.sweeps.get(key)
+def refused(tape: Tape, key: tuple) -> str | None:
+    """Why the sweep under ``key`` of tapes like ``tape`` (its plan, its forward) is not replayed (None: it is,
+    or it was never traced)."""
+    entry = tape.plan.sweeps.get((*key, tape.forward))
     return entry.reason if isinstance(entry, Refused) else None

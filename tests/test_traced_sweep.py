@@ -49,9 +49,14 @@ def _device_branch_reference(case, x, semiring, **options):
         return isr.run(case.fn, x, semiring, model=case.model, plans=False, **options)
 
 
-def _key(semiring, options):
+def _options_key(semiring, options):
     return (semiring, options.get("sign", "abs"), options.get("granularity", "scalar"),
             options.get("backpointers", False))
+
+
+def _key(semiring, options, tape):
+    """The key of ``tape``'s plan's sweeps under which tapes like it (its forward) are traced."""
+    return (*_options_key(semiring, options), tape.forward)
 
 
 def _trail_tensors(result):
@@ -93,8 +98,8 @@ def test_replayed_sweep_equals_the_device_branch_bit_for_bit(name, replays):
         traced = _run(case.fn, case.inputs, semiring, model=case.model, compile="all", **options)  # traces
         plan = traced.tape.plan
         assert plan is not None, mode
-        assert traced_sweep.refused(plan, _key(semiring, options)) is None, (mode, plan.sweeps)
-        assert isinstance(plan.sweeps[_key(semiring, options)], traced_sweep.Program), mode
+        assert traced_sweep.refused(traced.tape, _options_key(semiring, options)) is None, (mode, plan.sweeps)
+        assert isinstance(plan.sweeps[_key(semiring, options, traced.tape)], traced_sweep.Program), mode
         _assert_same_result(traced, _device_branch_reference(case, case.inputs, semiring, **options),
                             f"{name}/{mode} (tracing call)")
         before = replays[0]
@@ -113,6 +118,24 @@ def test_replayed_sweep_equals_the_device_branch_bit_for_bit(name, replays):
         torch.testing.assert_close(v, g, rtol=1e-4, atol=1e-5 * float(g.abs().max()))
 
 
+def test_a_plan_made_without_compile_is_replayed_once_the_forward_is_compiled(replays):
+    """A default call plans the shape; the next compile='all' call captures the forward (its tape recorded, not
+    traced: later tapes are replayed forwards, which hold other tensors); the one after traces, then replays."""
+    case = _case("gpt2")
+    isr.run(case.fn, case.inputs, "gradient", model=case.model)  # plans the shape, no compile
+    capture = _run(case.fn, case.inputs, "gradient", model=case.model, compile="all")
+    assert capture.tape.forward == "recorded" and capture.tape.plan is not None
+    assert _key("gradient", {}, capture.tape) not in capture.tape.plan.sweeps  # nothing traced on it
+    traced = _run(case.fn, case.inputs, "gradient", model=case.model, compile="all")
+    assert traced.tape.forward == "compiled" and traced.tape.plan is capture.tape.plan
+    assert isinstance(traced.tape.plan.sweeps[_key("gradient", {}, traced.tape)], traced_sweep.Program)
+    x = tm.new_inputs(case, seed=6)
+    before = replays[0]
+    again = _run(case.fn, x, "gradient", model=case.model, compile="all")
+    assert replays[0] == before + 1, "the sweep was not replayed"
+    tm.assert_same_bits(again.values, _device_branch_reference(case, x, "gradient").values)
+
+
 def test_a_traced_sweep_keeps_the_compiled_kernels():
     from inseq_semiring.kernels import maxtimes, rowcore, xlogx
 
@@ -124,7 +147,7 @@ def test_a_traced_sweep_keeps_the_compiled_kernels():
     for semiring, kernels in want.items():
         for _ in range(2):  # plan, then trace
             got = _run(case.fn, case.inputs, semiring, model=case.model, compile="all")
-        graph = str(got.tape.plan.sweeps[_key(semiring, {})].script.graph)
+        graph = str(got.tape.plan.sweeps[_key(semiring, {}, got.tape)].script.graph)
         assert all(k in graph for k in kernels), (semiring, kernels)
 
 
@@ -241,7 +264,7 @@ def test_untraced_modes_run_as_compile_true():
             got = _run(case.fn, x, "maxpath", model=case.model, compile="all", **options)
         want = _run(case.fn, x, "maxpath", model=case.model, compile=True, **options)
         tm.assert_same_bits(got.values, want.values, str(options))
-    assert _key("maxpath", {"sign": "positive"}) not in got.tape.plan.sweeps
+    assert _key("maxpath", {"sign": "positive"}, got.tape) not in got.tape.plan.sweeps
 
 
 def test_compile_takes_only_known_values():
@@ -291,7 +314,7 @@ def test_a_refused_sweep_warns_once_and_keeps_the_eager_values(monkeypatch):
     _run(case.fn, case.inputs, "gradient", model=case.model, compile="all")  # plans
     with pytest.warns(UserWarning, match="sweep of this shape is not traced .*reads a value on the host"):
         first = isr.run(case.fn, case.inputs, "gradient", model=case.model, compile="all")
-    assert "reads a value on the host" in traced_sweep.refused(first.tape.plan, _key("gradient", {}))
+    assert "reads a value on the host" in traced_sweep.refused(first.tape, _options_key("gradient", {}))
     x = tm.new_inputs(case, seed=9)
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # once per plan and semiring
@@ -306,5 +329,5 @@ def test_a_tape_with_a_tensor_above_the_limit_runs_as_compile_true(monkeypatch):
     for _ in range(3):
         got = _run(case.fn, x, "entropy", model=case.model, compile="all")
     assert got.tape.plan.sweeps.get("fits") is False
-    assert _key("entropy", {}) not in got.tape.plan.sweeps
+    assert _key("entropy", {}, got.tape) not in got.tape.plan.sweeps
     tm.assert_same_bits(got.values, _run(case.fn, x, "entropy", model=case.model, compile=True).values)
