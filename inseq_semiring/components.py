@@ -322,7 +322,7 @@ class _Follower:
             v = self.value(node)
             if v is None:
                 return None
-            src = v.hi_src if side == "hi" else v.lo_src
+            src = v.pointers(side)
             if src is None:
                 raise ValueError("the sweep kept no back-pointers; call run(..., backpointers=True)")
             code = int(src[0].reshape(-1)[elem])
@@ -353,7 +353,7 @@ class _Follower:
                 t = self.terms(rec, node)
                 if t is None:
                     return None
-                tsrc = t.hi_src if side == "hi" else t.lo_src
+                tsrc = t.pointers(side)
                 tcode, idx = int(tsrc[0].reshape(-1)[elem]), int(tsrc[1].reshape(-1)[elem])
                 if tcode < 0:
                     return None
@@ -402,7 +402,7 @@ def component_readout(
     rows = m.shape[0]
 
     # fast path: the winning consumer record is itself a (non-fused) component
-    codes = (v.lo_src if side == "lo" else v.hi_src)[0].reshape(-1, width)
+    codes = v.pointers(side)[0].reshape(-1, width)
     rec_label: dict[int, int | None] = {}
     for r in torch.unique(codes).tolist():
         if r < 0:

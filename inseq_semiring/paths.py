@@ -97,7 +97,7 @@ def decode_path(result, input_position: int = 0, element: int | tuple = 0, *,
     edge_cache: dict[int, dict] = {}
     while tid != tape.root_id:
         value = result.trail[tid]
-        src = value.hi_src if track == "hi" else value.lo_src
+        src = value.pointers(track)
         code, out_flat = int(src[0].reshape(-1)[flat]), int(src[1].reshape(-1)[flat])
         if code == NO_PATH:
             raise InvalidInputError(f"element {list(_unravel(flat, shape))} has no path to the root",

@@ -64,7 +64,7 @@ def _trail_tensors(result):
     out = []
     for tid in sorted(result.trail):
         v = result.trail[tid]
-        out += [v.hi, v.log_scale, *v.hi_src]
+        out += [v.hi, v.log_scale, *v.pointers("hi")]
     return out
 
 

@@ -171,6 +171,33 @@ def test_signed_maxpath_zero_weight_edge_offers_its_candidate():
     assert sorted(math.prod(p) for p in paths) == [-2.0, 0.0]
 
 
+@pytest.mark.parametrize("sign", ["abs", "positive", "negative"])
+def test_back_pointers_mark_exactly_the_elements_without_a_path(sign):
+    """The sweep leaves absent elements' pointers unset and ``MaxValue.pointers`` masks them when read: NO_PATH
+    exactly where the enumeration finds no path (abs: no path of non-zero product; signed: no path at all, a zero
+    edge still offers its candidate), and a real pointer wherever it finds one; decode_path refuses the former."""
+    from inseq_semiring.paths import decode_path
+    from inseq_semiring.semirings.maxpath import NO_PATH
+
+    w = torch.tensor([2.0, -1.5, 0.5, 3.0, 1.0], dtype=torch.float64)
+    fn = lambda x: (torch.relu(x) * w)[:3].sum() + (x[1:2] * 0.5).sum()  # noqa: E731  (two consumers merge)
+    x = torch.tensor([-0.5, 0.3, 0.7, 1.2, -2.0], dtype=torch.float64)
+    g = dense.dense_graph(fn, (x,))
+    paths = enumerate_paths(g)
+    has_path = [any(sign != "abs" or math.prod(p) != 0 for p in paths.get((g.input_ids[0], i), [])) for i in range(5)]
+    assert has_path == ([False, True, True, False, False] if sign == "abs" else [True, True, True, False, False])
+    res = isr.run(fn, x, "maxpath", sign=sign, backpointers=True)
+    code, index = res.trail[res.tape.input_ids[0]].pointers("lo" if sign == "negative" else "hi")
+    assert [int(c) != NO_PATH for c in code] == has_path
+    assert [int(i) != NO_PATH for i in index] == has_path
+    for i in range(5):
+        if has_path[i]:
+            assert decode_path(res, 0, i).hops
+        else:
+            with pytest.raises(isr.InvalidInputError, match="has no path to the root"):
+                decode_path(res, 0, i)
+
+
 def test_where_unselected_side_is_not_an_edge():
     """where(c, f(x), g(x)) with c false: only the g path exists, so M+(x) is that path's product, not 0."""
     cond = torch.tensor([False])

@@ -15,7 +15,10 @@ Values are kept as ``m * exp(log_scale)`` with a per-tensor scale (max-times is 
 
 Back-pointers (``backpointers=True``): for every element, the edge its best value came through, as two integer
 tensors: ``code = record << 20 | output slot << 10 | argument leaf`` and the flat index of the output element
-(scalar granularity; -1 at tensor granularity, where only the winning consumer is kept; -1 code: no path).
+(scalar granularity; -1 at tensor granularity, where only the winning consumer is kept; -1 code: no path). At
+scalar granularity the sweep leaves the pointers of absent elements unset (a pull's kernel index, a merge's loser)
+and :meth:`MaxValue.pointers` masks them when read: an element is absent exactly where its value is (``M <= 0``;
+signed: ``M+ = -inf``, ``M- = +inf``), since a merge keeps a present candidate over an absent one.
 Tie rule, stated once: inside an operator the smallest output flat index wins; across consumer operators the
 value accumulated first wins, i.e. the consumer that ran *last* in the forward pass; ``M+`` over ``M-`` candidates.
 """
@@ -58,6 +61,17 @@ class MaxValue:
     hi_src: tuple[Tensor, Tensor] | None = None
     lo_src: tuple[Tensor, Tensor] | None = None
     raw: bool = False  # tensor granularity: an un-swapped VJP sum
+    masked: bool = True  # back-pointers hold NO_PATH where the value is absent (False: set there only when read)
+
+    def pointers(self, side: str = "hi") -> tuple[Tensor, Tensor] | None:
+        """The back-pointers ``(code, index)`` of ``M+`` (``side="hi"``) or ``M-`` (``"lo"``), ``NO_PATH`` where
+        the element is absent (abs: ``M <= 0``; signed: ``M+ = -inf``, ``M- = +inf``)."""
+        src = self.hi_src if side == "hi" else self.lo_src
+        if src is None or self.masked:
+            return src
+        m = self.hi if side == "hi" else self.lo
+        absent = (m <= 0) if self.lo is None else (torch.isneginf(m) if side == "hi" else torch.isposinf(m))
+        return torch.where(absent, NO_PATH, src[0]), torch.where(absent, NO_PATH, src[1])
 
 
 class MaxPath(Semiring):
@@ -132,7 +146,7 @@ class MaxPath(Semiring):
             take_b_lo = bl < al
             lo = torch.where(take_b_lo, bl, al)
             lo_src = _select_src(take_b_lo, b.lo_src, a.lo_src)
-        return MaxValue(hi, lo, top, hi_src, lo_src)
+        return MaxValue(hi, lo, top, hi_src, lo_src, masked=a.masked and b.masked)
 
     # -- internals --------------------------------------------------------------------------------------------
     def _make(self, hi, lo, log_scale, hi_idx, lo_idx, origin, keeps_scale: bool = False) -> MaxValue:
@@ -140,10 +154,10 @@ class MaxPath(Semiring):
         hi_src = lo_src = None
         if self.backpointers:
             code = encode_origin(origin)
-            hi_src = _src(hi, code, hi_idx, absent=(hi <= 0) if not self.signed else torch.isneginf(hi))
+            hi_src = _src(code, hi_idx)
             if self.signed:
-                lo_src = _src(lo, code, lo_idx, absent=torch.isposinf(lo))
-        value = MaxValue(hi, lo, log_scale, hi_src, lo_src)
+                lo_src = _src(code, lo_idx)
+        value = MaxValue(hi, lo, log_scale, hi_src, lo_src, masked=not self.backpointers)
         return value if keeps_scale else _renormalise(value)
 
     def _pull_vjp(self, kind, value: MaxValue, origin) -> MaxValue:
@@ -163,12 +177,13 @@ class MaxPath(Semiring):
         if not self.signed:
             return _renormalise(replace(v, raw=False))
         hi, lo = torch.maximum(v.hi, v.lo), torch.minimum(v.hi, v.lo)
-        return _renormalise(MaxValue(hi, lo, v.log_scale, v.hi_src, v.lo_src, raw=False))
+        return _renormalise(MaxValue(hi, lo, v.log_scale, v.hi_src, v.lo_src, raw=False, masked=v.masked))
 
 
-def _src(m: Tensor, code: int, idx: Tensor, absent: Tensor) -> tuple[Tensor, Tensor]:
-    """Back-pointers of a pull: ``(code, idx)`` where a value arrived, ``(NO_PATH, NO_PATH)`` where none did."""
-    return torch.where(absent, NO_PATH, code), torch.where(absent, NO_PATH, idx.to(torch.long))  # int64 (ints)
+def _src(code: int, idx: Tensor) -> tuple[Tensor, Tensor]:
+    """Back-pointers of a pull, ``(code, idx)`` as int64, unmasked (see :meth:`MaxValue.pointers`)."""
+    idx = idx.to(torch.long)
+    return torch.full_like(idx, code), idx
 
 
 def _keeps_scale(kind) -> bool:
@@ -219,8 +234,8 @@ def _renormalise(v: MaxValue) -> MaxValue:
             mf = float(m)
             if not mf > 0 or mf == 1.0:
                 return v
-        return MaxValue(v.hi / m, None if v.lo is None else v.lo / m, v.log_scale + torch.log(m.double()), v.hi_src,
-                        v.lo_src, v.raw)
+        return replace(v, hi=v.hi / m, lo=None if v.lo is None else v.lo / m,
+                       log_scale=v.log_scale + torch.log(m.double()))
     if v.lo is None:  # abs mode: values >= 0, absent = 0; an inf (an infinite local weight) is left unscaled
         m = v.hi.amax() if v.hi.numel() else v.hi.new_zeros(())
         m = torch.where((m > 0) & torch.isfinite(m), m, torch.ones_like(m))
