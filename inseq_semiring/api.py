@@ -39,8 +39,8 @@ class SemiringResult:
     """Everything one sweep produced. ``values``: finalized tensors shaped like the inputs; ``raw``: the semiring's
     own values per input (``None`` where no path reaches it); ``trail``: node id -> value of every node (only when
     back-pointers were requested; a maxpath node's pointers are read with ``trail[id].pointers("hi")``, see
-:class:`~inseq_semiring.semirings.maxpath.MaxValue`); ``semiring``: the semiring object (it knows how to read
-``raw``)."""
+    :class:`~inseq_semiring.semirings.maxpath.MaxValue`); ``semiring``: the semiring object (it knows how to read
+    ``raw``)."""
 
     values: tuple[torch.Tensor, ...]
     raw: tuple[Any, ...]
