@@ -379,6 +379,11 @@ def replay(program: Program, tape: Tape) -> tuple | None:
     return program.rebuild(flat)
 
 
+def _program_key(key: tuple, tape: Tape) -> tuple:
+    """The key of a plan's sweeps for ``key`` (the semiring and its options) on tapes like ``tape`` (its forward)."""
+    return (*key, tape.forward)
+
+
 def swept(plan, key: tuple, tape: Tape, sweep_fn: Callable[[Tape], tuple], *, recurs: bool = True) -> tuple:
     """The raw values of the traceable sweep (the device branch) of ``tape`` under ``key`` (the semiring
     and its options): replayed from ``plan``'s program for ``key`` and the tape's forward (a recorded and a
@@ -386,7 +391,7 @@ def swept(plan, key: tuple, tape: Tape, sweep_fn: Callable[[Tape], tuple], *, re
     swept eagerly when refused, when the tape does not fit, off the CPU, without a plan (``plan=None``), or when
     later calls will not give tapes like this one (``recurs=False``: the call that captures the compiled forward
     records its tape, the later ones replay it)."""
-    key = (*key, tape.forward)
+    key = _program_key(key, tape)
     entry = None if plan is None else plan.sweeps.get(key)
     cpu = tape.root.device.type == "cpu"
     if isinstance(entry, Program) and cpu:
@@ -407,5 +412,5 @@ def swept(plan, key: tuple, tape: Tape, sweep_fn: Callable[[Tape], tuple], *, re
 def refused(tape: Tape, key: tuple) -> str | None:
     """Why the sweep under ``key`` of tapes like ``tape`` (its plan, its forward) is not replayed (None: it is,
     or it was never traced)."""
-    entry = tape.plan.sweeps.get((*key, tape.forward))
+    entry = tape.plan.sweeps.get(_program_key(key, tape))
     return entry.reason if isinstance(entry, Refused) else None

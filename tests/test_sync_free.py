@@ -85,7 +85,8 @@ def _sweep(res, x, mode=None):
             env = sweep(tape, ring, ring.seed(tape.root), plan_rules=plan.rules, on_complete=keep)
             out = [ring.finalize(env.get(t), like) for t, like in zip(tape.input_ids, x)]
     # back-pointers (maxpath with backpointers=True): the winning edge and element of every node
-    pointers = None if trail is None else {tid: list((v.pointers("hi") or ()) + (v.pointers("lo") or ())) for tid, v in trail.items()}
+    pointers = None if trail is None else {tid: list((v.pointers("hi") or ()) + (v.pointers("lo") or ()))
+                                           for tid, v in trail.items()}
     return out, pointers
 
 
