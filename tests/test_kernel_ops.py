@@ -53,6 +53,7 @@ def _calls():
         ("inseq_semiring::pair_products", lambda: xlogx.pair_products(p[:2, :6].contiguous(), p[2:, :6].contiguous(),
                                                                        w[:6], backend="cpp")),
         ("inseq_semiring::rank1_pull", lambda: xlogx.rank1_pull(d, u, v, z.abs(), z)),
+        ("inseq_semiring::pointwise_pull", lambda: xlogx.pointwise_pull(d, z.abs(), u)),
         ("inseq_semiring::signed_rank1_pull", lambda: signed_rowcore.signed_rank1_pull(d, u, v, z, z - 1)),
         ("inseq_semiring::signed_core_pull", lambda: signed_rowcore.signed_core_pull(xh, p, -p)),
     ]

@@ -78,3 +78,27 @@ def test_fan_out_chain_stays_finite_in_float32(name):
     z0 = float(v.z.double().sum())
     assert math.isclose(float(x.log_scale) + math.log(float(x.z)), 3.0 + math.log(z0) + 300 * math.log(8),
                         rel_tol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["flow", "entropy"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_tensor_weight_pull_equals_the_tensor_formulas(name, dtype):
+    """The compiled one-pass pointwise pull (kernels/xlogx.pointwise_pull) gives ``z |w|`` and
+    ``u |w| + z (-|w| log |w|)`` divided by ``max z |w|``, down to zeros and subnormal weights."""
+    ring = make_semiring(name)
+    shape = torch.Size([3, 1100])  # more than one of the kernel's chunks
+    v = _value(ring, shape, 4, dtype)
+    w = torch.randn(shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64).to(dtype)
+    tiny = torch.finfo(dtype).smallest_normal
+    w[0, :4] = torch.tensor([0.0, tiny / 8, -tiny / 1024, -1.0], dtype=dtype)
+    got = ring.pull(Pointwise(w, shape, shape), v, ORIGIN)
+    a = w.double().abs()
+    z = v.z.double() * a
+    m = float(z.max())
+    torch.testing.assert_close(got.z.double(), z / m, rtol=1e-15 if dtype == torch.float64 else 2e-7, atol=tiny)  # subnormal z
+    assert math.isclose(float(got.log_scale), 3.0 + math.log(m), rel_tol=1e-15 if dtype == torch.float64 else 1e-7)
+    if ring.with_u:
+        u = v.u.double() * a - v.z.double() * torch.xlogy(a, a)
+        scale = float((v.u.double().abs() * a + v.z.double() * (a * a.log().abs()).nan_to_num()).max()) / m
+        worst = float(((got.u.double() - u / m).abs()).max()) / scale
+        assert worst <= (1e-15 if dtype == torch.float64 else 4e-7), worst

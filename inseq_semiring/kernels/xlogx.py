@@ -171,6 +171,53 @@ static void rank1_rows(const T* d, const T* u, const T* v, const T* z, const T* 
   }
 }
 
+// The pointwise pulls of flow and entropy, elementwise over n entries, both maps formed per chunk in L1:
+//   oz = z |w|,   oq = q |w| + z (-|w| log|w|)   (q given),   zmax = max oz (NaN if any oz is NaN).
+// The products round as the tensor formulas do (z * |w|; addcmul(u * |w|, z, nl): one fused multiply-add).
+template <typename T>
+static void pointwise_rows(const T* w, const T* z, const T* q, int64_t n, T* oz, T* oq, T* zmax) {
+  constexpr int W = RC_VBYTES / sizeof(T);
+  constexpr int64_t CH = 64 * W;
+  typedef typename Vec<T, W>::V V;
+  typedef typename Vec<T, W>::IV IV;
+  alignas(64) T a[CH], b[CH];
+  V best = V{} + T(0);
+  IV nan = IV{};
+  for (int64_t c0 = 0; c0 < n; c0 += CH) {
+    const int64_t m = std::min<int64_t>(CH, n - c0), mv = m - m % W;
+    if (q) map_row<T>(w + c0, a, b, m);
+    for (int64_t j = 0; j < mv; j += W) {
+      const V zj = vload<V>(z + c0 + j);
+      const V aj = q ? vload<V>(a + j) : vabs<T, W>(vload<V>(w + c0 + j));
+      const V r = zj * aj;
+      vstore(oz + c0 + j, r);
+      nan |= r != r;
+      best = r > best ? r : best;
+      if (q) {
+        const V qa = vload<V>(q + c0 + j) * aj;
+        V out;
+        for (int l = 0; l < W; ++l) out[l] = std::fma(zj[l], b[j + l], qa[l]);  // as torch.addcmul(u * |w|, z, nl)
+        vstore(oq + c0 + j, out);
+      }
+    }
+    for (int64_t j = mv; j < m; ++j) {  // the tail
+      const T aj = q ? a[j] : std::fabs(w[c0 + j]);
+      const T r = z[c0 + j] * aj;
+      oz[c0 + j] = r;
+      nan[0] |= r != r;
+      best[0] = r > best[0] ? r : best[0];
+      if (q) oq[c0 + j] = std::fma(z[c0 + j], b[j], q[c0 + j] * aj);
+    }
+  }
+  bool any_nan = false;
+  T top = T(0);
+  for (int l = 0; l < W; ++l) {
+    any_nan |= nan[l] != 0;
+    top = best[l] > top ? best[l] : top;
+  }
+  *zmax = any_nan ? std::numeric_limits<T>::quiet_NaN() : top;
+}
+
 }  // namespace
 
 // w: 2-D with unit stride along dim 1 (any row stride). Writes (|w|, -|w| log|w|) into a, b (contiguous, w's shape).
@@ -233,6 +280,24 @@ std::vector<torch::Tensor> rank1_pull_cpu(torch::Tensor d, torch::Tensor u, torc
   return {oz, oq};
 }
 
+// w, z (and q when has_q): contiguous, one shape and dtype, z >= 0. Returns (z |w|, q |w| + z (-|w| log|w|),
+// max of the first as a 0-dim tensor); the second is empty without q.
+std::vector<torch::Tensor> pointwise_pull_cpu(torch::Tensor w, torch::Tensor z, torch::Tensor q, bool has_q) {
+  TORCH_CHECK(w.sizes() == z.sizes() && w.is_contiguous() && z.is_contiguous() && w.scalar_type() == z.scalar_type(),
+              "pointwise_pull_cpu: w and z must be contiguous tensors of one shape and dtype");
+  if (has_q) TORCH_CHECK(q.sizes() == z.sizes() && q.is_contiguous() && q.scalar_type() == z.scalar_type(),
+                         "pointwise_pull_cpu: q like z");
+  auto oz = torch::empty_like(z, at::MemoryFormat::Contiguous);
+  auto oq = has_q ? torch::empty_like(oz) : torch::empty({0}, z.options());
+  auto zmax = torch::empty({}, z.options());
+  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "pointwise_pull_cpu", [&] {
+    pointwise_rows<scalar_t>(w.data_ptr<scalar_t>(), z.data_ptr<scalar_t>(), has_q ? q.data_ptr<scalar_t>() : nullptr,
+                             z.numel(), oz.data_ptr<scalar_t>(), has_q ? oq.data_ptr<scalar_t>() : nullptr,
+                             zmax.data_ptr<scalar_t>());
+  });
+  return {oz, oq, zmax};
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("abs_neg_xlogx_cpu", &abs_neg_xlogx_cpu, "(|w|, -|w| log|w|) of a 2-D row-strided tensor",
           pybind11::arg("w"), pybind11::call_guard<pybind11::gil_scoped_release>());
@@ -242,6 +307,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("rank1_pull_cpu", &rank1_pull_cpu, "additive pulls through diag(d) + u v^T rows, maps in registers",
           pybind11::arg("d"), pybind11::arg("u"), pybind11::arg("v"), pybind11::arg("z"), pybind11::arg("q"),
           pybind11::arg("has_q"), pybind11::call_guard<pybind11::gil_scoped_release>());
+  mod.def("pointwise_pull_cpu", &pointwise_pull_cpu, "(z |w|, q |w| + z (-|w| log|w|), max z |w|) elementwise",
+          pybind11::arg("w"), pybind11::arg("z"), pybind11::arg("q"), pybind11::arg("has_q"),
+          pybind11::call_guard<pybind11::gil_scoped_release>());
   mod.def("pair_products_cpu", &pair_products_cpu, "(aa |w|, ab (-|w| log|w|)) for a few rows, one read of w",
           pybind11::arg("aa"), pybind11::arg("ab"), pybind11::arg("w"),
           pybind11::call_guard<pybind11::gil_scoped_release>());
@@ -255,6 +323,8 @@ EXTENSION = CompiledExtension("xlogx", _CPP, ["-O3", "-march=native", "-fno-math
 #: The kernels as dispatcher operators (one opaque call each in a traced sweep).
 _maps_kernel = EXTENSION.op("abs_neg_xlogx_cpu", "(Tensor w) -> (Tensor, Tensor)")
 _pair_products_kernel = EXTENSION.op("pair_products_cpu", "(Tensor aa, Tensor ab, Tensor w) -> (Tensor, Tensor)")
+_pointwise_pull_kernel = EXTENSION.op(
+    "pointwise_pull_cpu", "(Tensor w, Tensor z, Tensor q, bool has_q) -> (Tensor, Tensor, Tensor)")
 _rank1_pull_kernel = EXTENSION.op(
     "rank1_pull_cpu", "(Tensor d, Tensor u, Tensor v, Tensor z, Tensor q, bool has_q) -> (Tensor, Tensor)")
 
@@ -335,3 +405,17 @@ def rank1_pull(d: Tensor, u: Tensor, v: Tensor, z: Tensor, q: Tensor | None) -> 
         flat.append(flat[3].new_empty(0))
     oz, oq = _rank1_pull_kernel(*flat[:5], q is not None)
     return oz.reshape(z.shape), None if q is None else oq.reshape(z.shape)
+
+
+def pointwise_pull(w: Tensor, z: Tensor, q: Tensor | None) -> tuple[Tensor, Tensor | None, Tensor] | None:
+    """``(z |w|, q |w| + z (-|w| log |w|), max of z |w|)`` elementwise in one pass (``q=None``: no second part), for
+    tensors of one shape, dtype and device; None where the compiled kernel does not apply (then use the tensor
+    formulas). The products round as those formulas do."""
+    ts = (w, z) if q is None else (w, z, q)
+    if (z.device.type != "cpu" or z.dtype not in (torch.float32, torch.float64) or z.numel() == 0
+            or any(t.dtype != z.dtype or t.shape != z.shape or t.device != z.device or not t.is_contiguous()
+                   for t in ts)
+            or EXTENSION.load() is None):
+        return None
+    oz, oq, zmax = _pointwise_pull_kernel(w, z, z.new_empty(0) if q is None else q, q is not None)
+    return oz, None if q is None else oq, zmax

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..kernels.xlogx import rank1_pull
+from ..kernels.xlogx import pointwise_pull, rank1_pull
 from ..rules import jacobians as _jacobians
 from ..rules.jacobians import IndexMap, Pointwise, RowDense
 from .base import Semiring, abs_weight, linear_pull, neg_w_log_w, scaled_pulls, sum_to_shape  # noqa: F401
@@ -34,13 +34,15 @@ class Scaled:
         return torch.log(self.z.double()) + self.log_scale
 
 
-def _renormalise(z: Tensor, u: Tensor | None, log_scale: Tensor, *, fresh: bool = False) -> Scaled:
+def _renormalise(z: Tensor, u: Tensor | None, log_scale: Tensor, *, fresh: bool = False,
+                 z_max: Tensor | None = None) -> Scaled:
     """Divide ``z`` (and ``u``) by ``max z`` and add its log to ``log_scale`` (a zero ``z`` is left as it is).
-    ``fresh``: ``z`` and ``u`` are new tensors owned by the caller, divided in place. On CPU the max is read as a
-    number (no device to wait for) and a max of exactly 1 costs nothing more; elsewhere it stays a tensor."""
+    ``fresh``: ``z`` and ``u`` are new tensors owned by the caller, divided in place. ``z_max``: ``max z`` when the
+    pull already has it. On CPU the max is read as a number (no device to wait for) and a max of exactly 1 costs
+    nothing more; elsewhere it stays a tensor."""
     if z.numel() == 0:
         return Scaled(z, u, log_scale)
-    m = z.amax()
+    m = z.amax() if z_max is None else z_max
     if _jacobians.reads_on_host(z):
         mf = float(m)
         if mf <= 0 or mf == 1.0 or mf != mf:
@@ -118,6 +120,10 @@ class ScaledSum(Semiring):
             z2 = sum_to_shape(z, kind.in_shape)
             u2 = None if u is None else sum_to_shape(u if c == 0.0 else torch.add(u, z, alpha=c), kind.in_shape)
             return _renormalise(z2, u2, log_scale + math.log(abs(s)), fresh=_is_fresh(z2, z, u) and _is_fresh(u2, z, u))
+        w = kind.weight
+        if (tuple(w.shape) == tuple(z.shape) == tuple(kind.in_shape) and not (w.requires_grad and torch.is_grad_enabled())
+                and (fused := pointwise_pull(w, z, u)) is not None):  # compiled: one pass, maps in L1
+            return _renormalise(fused[0], fused[1], log_scale, fresh=True, z_max=fused[2])
         if u is None:
             z2 = sum_to_shape(z * kind.weight.abs(), kind.in_shape)
             return _renormalise(z2, None, log_scale, fresh=True)
