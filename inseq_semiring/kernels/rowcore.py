@@ -257,9 +257,9 @@ static void row_sum(const T* x, const T* p, const T* q, const T* pb, int64_t n, 
         const V c = vabs<T, W>(vload<V>(xs + j) * xi + T(1));  // n |c_ij|; 1 + xi xj is one fma
         vstore(za + j, vload<V>(za + j) + c * spi);
         rz += c * vload<V>(sp + j);
-        const V cl = c * vlog_pair<T, W>(c);
-        vstore(ua + j, vload<V>(ua + j) + c * sqi - cl * sbi);
-        ru += c * vload<V>(sq + j) - cl * vload<V>(sb + j);
+        const V lc = vlog_pair<T, W>(c);  // u terms c (sq - sb log c): two multiply-adds each
+        vstore(ua + j, vload<V>(ua + j) + c * (sqi - lc * sbi));
+        ru += c * (vload<V>(sq + j) - lc * vload<V>(sb + j));
       };
       int64_t j = j0;
       for (; j + W < j1; j += 2 * W) {

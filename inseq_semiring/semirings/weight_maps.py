@@ -103,11 +103,13 @@ def mapped_mm_pair(a_abs: Tensor | None, a_nlogn: Tensor | None, w: Tensor) -> t
     if (rows <= PAIR_KERNEL_ROWS and w.dim() == 2 and w.shape[1] >= PAIR_KERNEL_COLUMNS and w.stride(1) == 1
             and like.dtype == w.dtype and xlogx.active_backend(w) == "cpp"):
         return xlogx.pair_products(a_abs, a_nlogn, w, backend="cpp")
-    out_abs = None if a_abs is None else like.new_zeros(a_abs.shape[0], w.shape[1])
-    out_nlogn = None if a_nlogn is None else like.new_zeros(a_nlogn.shape[0], w.shape[1])
+    out_abs = None if a_abs is None else like.new_empty(a_abs.shape[0], w.shape[1])
+    out_nlogn = None if a_nlogn is None else like.new_empty(a_nlogn.shape[0], w.shape[1])
     by, blocks = _plan(w.shape[0], w.shape[1], BLOCK_ELEMENTS)
     scratch = None if a_nlogn is None or len(blocks) < 1 else _scratch(w, BLOCK_ELEMENTS + max(w.shape))
-    for b in blocks:
+    if not blocks:  # an empty contraction
+        return tuple(None if out is None else out.zero_() for out in (out_abs, out_nlogn))
+    for i, b in enumerate(blocks):
         block, rows = (w[:, b], slice(None)) if by == "cols" else (w[b], b)
         maps = (block.abs(), None) if a_nlogn is None else abs_and_neg_xlogx(block, out=scratch)
         for out, a, mapped in ((out_abs, a_abs, maps[0]), (out_nlogn, a_nlogn, maps[1])):
@@ -115,6 +117,8 @@ def mapped_mm_pair(a_abs: Tensor | None, a_nlogn: Tensor | None, w: Tensor) -> t
                 continue
             if by == "cols":
                 out[:, b] = a @ mapped
+            elif i == 0:  # the first partial product is written, not added to zeros
+                torch.mm(a[:, rows], mapped, out=out)
             else:
                 out.addmm_(a[:, rows], mapped)
     return out_abs, out_nlogn
