@@ -80,6 +80,9 @@ class Program:
     meta: tuple
     pattern: tuple
     rebuild: Callable[[list], Any]
+    #: the replayed forward (graph/compiled.py) whose tape it was traced on, if any: its later tapes have the
+    #: metadata of that one (the program runs only when Dynamo's guards on the inputs' shapes and strides hold)
+    forward_program: Any = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,7 +92,10 @@ class Refused:
 
 def tape_tensors(tape: Tape) -> tuple[list[torch.Tensor], tuple[int, ...]]:
     """Every tensor of the tape's records (leaves, outputs) and its root, once each in tape order, and for every
-    slot the position of its tensor in that list (the aliasing pattern)."""
+    slot the position of its tensor in that list (the aliasing pattern). A replayed forward's tape comes with
+    both (its program's source fixes them)."""
+    if tape.tensors is not None:
+        return tape.tensors
     Tensor = torch.Tensor
     flat = [t for rec in tape.records for group in (rec.leaves, rec.outputs) for t in group if isinstance(t, Tensor)]
     flat.append(tape.root)
@@ -366,13 +372,16 @@ def trace(tape: Tape, sweep_fn: Callable[[Tape], tuple]) -> tuple[tuple, Program
         return raw, Refused(f"TorchScript could not take the traced sweep ({type(exc).__name__}: {first})")
     if len(check) != len(flat) or not all(map(same_value, check, flat)):
         return raw, Refused("the scripted sweep differs from the traced one")
-    return raw, Program(script, _meta(tensors), pattern, _rebuilder(spec))
+    return raw, Program(script, _meta(tensors), pattern, _rebuilder(spec), tape.forward_program)
 
 
 def replay(program: Program, tape: Tape) -> tuple | None:
     """The raw values of ``program`` on ``tape``'s tensors; None when the tape does not fit the trace."""
     tensors, pattern = tape_tensors(tape)
-    if pattern != program.pattern or _meta(tensors) != program.meta:
+    if pattern != program.pattern:
+        return None
+    same_forward = program.forward_program is not None and program.forward_program is tape.forward_program
+    if not same_forward and _meta(tensors) != program.meta:
         return None
     with torch.no_grad(), torch.jit.optimized_execution(False):
         flat = program.script(*tensors)

@@ -118,6 +118,23 @@ def test_replayed_sweep_equals_the_device_branch_bit_for_bit(name, replays):
         torch.testing.assert_close(v, g, rtol=1e-4, atol=1e-5 * float(g.abs().max()))
 
 
+@pytest.mark.parametrize("name", list(tm.ARCHS))
+def test_a_replayed_forward_brings_its_tensors_as_the_records_hold_them(name):
+    """The replayed forward's program knows from its source which tensor fills each slot of the records (and the
+    root): the same objects, in the same order and aliasing pattern, that a search of the records finds."""
+    case = _case(name)
+    for _ in range(2):  # the first call captures the forward (its tape recorded), the second replays it
+        result = _run(case.fn, case.inputs, "gradient", model=case.model, compile="all")
+    tape = result.tape
+    if tape.forward != "compiled":
+        pytest.skip(f"{name}: the forward is recorded, not replayed")
+    given = tape.tensors
+    assert given is not None and tape.forward_program is not None
+    found = traced_sweep.tape_tensors(dataclasses.replace(tape, tensors=None))
+    assert given[1] == found[1]
+    assert len(given[0]) == len(found[0]) and all(a is b for a, b in zip(given[0], found[0]))
+
+
 def test_a_plan_made_without_compile_is_replayed_once_the_forward_is_compiled(replays):
     """A default call plans the shape; the next compile='all' call captures the forward (its tape recorded, not
     traced: later tapes are replayed forwards, which hold other tensors); the one after traces, then replays."""

@@ -57,10 +57,10 @@ _VALUE_SHAPED = {aten.nonzero.default, aten.masked_select.default, aten.unique_c
 class _Call:
     """What one compiled call hands to its Dynamo entry and gets back (one per call, in a ``ContextVar``)."""
 
-    __slots__ = ("entry", "args", "outputs", "records")
+    __slots__ = ("entry", "args", "outputs", "records", "tensors")
 
     def __init__(self):
-        self.entry = self.args = self.outputs = self.records = None
+        self.entry = self.args = self.outputs = self.records = self.tensors = None
 
 
 _CALL: ContextVar[_Call | None] = ContextVar("inseq_semiring_compiled_call", default=None)
@@ -83,7 +83,7 @@ class _Entry:
                 call.entry, call.args = self, args
             return self.gm(*args)
         call.entry = self
-        call.outputs, call.records = program.run(args)
+        call.outputs, call.records, call.tensors = program.run(args)
         return call.outputs
 
     def publish(self, program: "Program | None", refused: str | None) -> None:
@@ -98,7 +98,9 @@ def _backend(gm: torch.fx.GraphModule, example_inputs):  # one backend object: D
 
 @dataclass(frozen=True, eq=False)
 class Program:
-    """A checked capture: ``run(args) -> (the graph's outputs, the records)`` with ``args`` the graph's inputs."""
+    """A checked capture: ``run(args) -> (the graph's outputs, the records, their tensors)`` with ``args`` the
+    graph's inputs; the tensors are every tensor of the records and the root once each, in tape order (what
+    :func:`~inseq_semiring.graph.tape.tape_tensors` gives, known from the source instead of found per call)."""
 
     run: Callable
     input_positions: tuple  # position among the graph's inputs of each attributed input
@@ -107,6 +109,8 @@ class Program:
     root_slot: tuple  # (record index, output slot) of the root
     calls: int  # ATen calls replayed
     source: str = field(repr=False, default="")
+    #: the aliasing pattern of the records' tensors (graph/tape.tape_tensors), fixed by the replay's source
+    tensor_pattern: tuple = field(repr=False, default=())
 
 
 class _Refused(Exception):
@@ -166,6 +170,8 @@ def _build(log: list, record_calls: Sequence[int], checked: Tape, graph_inputs: 
     inputs_by_id = {id(x) for x in graph_inputs if isinstance(x, torch.Tensor)}
     record_of = {call: r for r, call in enumerate(record_calls)}
     records = checked.records
+    tensor_slots: list[str] = []  # the expression of every tensor slot of the records, in tape order
+    outs_of: dict[int, list[str]] = {}
     for i, (func, args, kwargs, out) in enumerate(log):
         if func in _HOST_READS:
             raise _Refused(f"{func} reads a value on the host")
@@ -198,18 +204,28 @@ def _build(log: list, record_calls: Sequence[int], checked: Tape, graph_inputs: 
         r = record_of.get(i)
         if r is not None:
             rec = records[r]
-            leaves = "(" + "".join(w.expr(x) + ", " for x in call_leaves(args, kwargs)) + ")"
+            leaf_values = call_leaves(args, kwargs)
+            leaves = "(" + "".join(w.expr(x) + ", " for x in leaf_values) + ")"
             outs = "(" + "".join(e + ", " for e in out_exprs) + ")"
+            out_values = list(out) if type(out) in (tuple, list) else [out]
+            tensor_slots.extend(w.expr(x) for x in leaf_values if isinstance(x, torch.Tensor))
+            tensor_slots.extend(e for e, o in zip(out_exprs, out_values) if isinstance(o, torch.Tensor))
+            outs_of[r] = out_exprs
             ids_in, ids_out, path, parent = (w.constant(rec.leaf_ids), w.constant(rec.output_ids),
                                              w.constant(rec.module_path), w.constant(rec.decomposed_from))
             w.lines.append(f"    R.append(new({r}, f{i}, {w.expr(tuple(args))}, {w.expr(dict(kwargs))}, {leaves}, "
                            f"{ids_in}, {outs}, {ids_out}, {path}, {parent}))")
-    head = "def replay(" + "".join(f"a{pos}, " for pos in range(len(graph_inputs))) + "):\n    R = []\n"
-    source = head + "\n".join(w.lines) + f"\n    return {w.expr(outputs)}, R\n"
-    namespace = dict(w.constants, new=OpRecord.new)
-    exec(compile(source, "<inseq_semiring compiled forward>", "exec"), namespace)  # noqa: S102 (our own source)
     root_slot = next((rec.index, slot) for rec in records for slot, tid in enumerate(rec.output_ids)
                      if tid == checked.root_id)
+    # one expression per tensor object (names are given per object), so the aliasing pattern is the expressions'
+    tensor_slots.append(outs_of[root_slot[0]][root_slot[1]])
+    position: dict[str, int] = {}
+    pattern = tuple(position.setdefault(e, len(position)) for e in tensor_slots)
+    head = "def replay(" + "".join(f"a{pos}, " for pos in range(len(graph_inputs))) + "):\n    R = []\n"
+    tensors = "[" + ", ".join(position) + "]"
+    source = head + "\n".join(w.lines) + f"\n    return {w.expr(outputs)}, R, {tensors}\n"
+    namespace = dict(w.constants, new=OpRecord.new)
+    exec(compile(source, "<inseq_semiring compiled forward>", "exec"), namespace)  # noqa: S102 (our own source)
     run = namespace["replay"]
 
     def run_no_grad(args):
@@ -217,7 +233,7 @@ def _build(log: list, record_calls: Sequence[int], checked: Tape, graph_inputs: 
             return run(*args)
 
     return Program(run_no_grad, tuple(input_positions), checked.input_ids, checked.root_id, root_slot, len(log),
-                   source)
+                   source, pattern)
 
 
 # -- checking the capture against the model ---------------------------------------------------------------------------
@@ -339,7 +355,7 @@ def record_compiled(fn: Callable[..., torch.Tensor], inputs: Sequence[torch.Tens
         _refuse(model, fn, "TorchDynamo ran the function without a graph (recompile limit?)")
         return record(fn, inputs, model=model, plan=plan, **options)
     if call.records is not None:
-        return _replayed_tape(entry.program, call.records, root, model, options, plan)
+        return _replayed_tape(entry.program, call.records, call.tensors, root, model, options, plan)
     tape = record(fn, inputs, model=model, plan=plan, **options)
     if entry.refused is None and entry.program is None:
         program, why = _capture(entry, call.args, detached, tape, options)
@@ -387,7 +403,7 @@ def _capture(entry: _Entry, graph_inputs: tuple, inputs: tuple, checked: Tape, o
     return program, None
 
 
-def _replayed_tape(program: Program, records: list, root, model, options, plan) -> Tape:
+def _replayed_tape(program: Program, records: list, tensors: list, root, model, options, plan) -> Tape:
     rec, slot = program.root_slot
     if records[rec].outputs[slot] is not root:  # Dynamo returned something else than the graph's root value
         raise RuntimeError("internal error: the compiled forward's root is not the replayed root")
@@ -395,7 +411,7 @@ def _replayed_tape(program: Program, records: list, root, model, options, plan) 
 
     tape = Tape(records=records, input_ids=program.input_ids, root_id=program.root_id, root=root,
                 model_class=type(model).__name__, decomposition=resolve(options.get("decomposition")).name,
-                forward="compiled")
+                forward="compiled", tensors=(tensors, program.tensor_pattern), forward_program=program)
     if plan is not None and plan.matches(tape):
         tape.plan = plan
     return tape
