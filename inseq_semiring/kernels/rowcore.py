@@ -157,21 +157,6 @@ template <typename T, int W> static inline typename Vec<T, W>::V vlog_pair(typen
   }
 }
 
-// The sum of a vector's lanes in double (float: the two halves widened and added as vectors first).
-template <typename T, int W> static inline double hsum_double(typename Vec<T, W>::V v) {
-  double s = 0.0;
-  if constexpr (std::is_same<T, float>::value && W >= 2) {
-    typedef typename Vec<double, W / 2>::V DV;
-    typedef typename Vec<float, W / 2>::V HV;
-    const float* f = reinterpret_cast<const float*>(&v);
-    const DV d = __builtin_convertvector(vload<HV>(f), DV) + __builtin_convertvector(vload<HV>(f + W / 2), DV);
-    for (int l = 0; l < W / 2; ++l) s += d[l];
-  } else {
-    for (int l = 0; l < W; ++l) s += double(v[l]);
-  }
-  return s;
-}
-
 template <typename T> struct SumWork {
   Buf<T> x, p, q, b, z, u, sp, sq, sb;
   Buf<double> zd, ud;
@@ -267,8 +252,12 @@ static void row_sum(const T* x, const T* p, const T* q, const T* pb, int64_t n, 
         pair(j + W, sz2, su2);
       }
       if (j < j1) pair(j, sz, su);
-      tz += hsum_double<T, W>(sz + sz2);
-      tu += hsum_double<T, W>(su + su2);
+      sz += sz2;
+      su += su2;
+      for (int l = 0; l < W; ++l) {
+        tz += double(sz[l]);
+        tu += double(su[l]);
+      }
     }
     for (int64_t j0 = i + 1; j0 < n && !HB; j0 += RC_SEG * W) {
       const int64_t j1 = std::min<int64_t>(n, j0 + RC_SEG * W);
@@ -291,8 +280,10 @@ static void row_sum(const T* x, const T* p, const T* q, const T* pb, int64_t n, 
           vstore(ua + j, uj);
         }
       }
-      tz += hsum_double<T, W>(sz);
-      if (HU) tu += hsum_double<T, W>(su);
+      for (int l = 0; l < W; ++l) {
+        tz += double(sz[l]);
+        if (HU) tu += double(su[l]);
+      }
     }
     if (FL) {
       zd[i] += tz;
