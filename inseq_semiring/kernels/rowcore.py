@@ -21,14 +21,15 @@ Two backends compute the same thing:
   matrix-vector product), vectorised with GCC/Clang vector extensions. The log is a hand-written
   branch-free vector log (float32 with AVX-512: a 32-entry table in registers and a cubic log1p,
   five multiply-adds; otherwise a degree-6 polynomial; fdlibm ``log`` for float64; absolute error
-  ~1e-7 / ~1e-16), so no ``-ffast-math`` or vector math library is needed. ``1 + xh_i xh_j`` is a single fma (one rounding). For float32 the pair terms and short
-  partial sums (at most 32 vectors along ``j``, 32 rows along ``i``) run in float32 at full
-  vector width and are flushed into float64 accumulators: float32 results land within ~1e-7
-  (relative to the size of the terms) of the float64 reference, for ~5-20% over pure-float32
-  accumulation, while accumulating every term in float64 cost ~2x. The diagonal
-  ``c_ii = (n - 1 - xh_i^2) / n`` is computed in float64 (exactly 0 when ``xh_i^2 == n - 1``).
-  Rows whose ``p`` (and ``q``, ``pb``) are all zero are skipped (their outputs are zero; for the
-  max variant ``vals = 0`` and ``argi = 0``). Rows are spread over ``at::parallel_for``.
+  ~1e-7 / ~1e-16), so no ``-ffast-math`` or vector math library is needed. ``1 + xh_i xh_j`` is a
+  single fma (one rounding). For float32 the pair terms and short partial sums (at most 32 vectors
+  along ``j``, 32 rows along ``i``) run in float32 at full vector width and are flushed into
+  float64 accumulators: float32 results land within ~1e-7 (relative to the size of the terms) of
+  the float64 reference, for ~5-20% over pure-float32 accumulation, while accumulating every term
+  in float64 cost ~2x. The diagonal ``c_ii = (n - 1 - xh_i^2) / n`` is computed in float64
+  (exactly 0 when ``xh_i^2 == n - 1``). Rows whose ``p`` (and ``q``, ``pb``) are all zero are
+  skipped (their outputs are zero; for the max variant ``vals = 0`` and ``argi = 0``). Rows are
+  spread over ``at::parallel_for``.
   It is compiled on first use (:class:`~inseq_semiring.kernels.extension.CompiledExtension`) and cached under
   ``~/.cache/inseq_semiring/ext/inseq_semiring_rowcore_<hash of source, flags, CPU>``.
 * ``"torch"`` -- the pure-PyTorch reference, device-agnostic (CPU, CUDA, ...), any floating
