@@ -100,7 +100,7 @@ def _backend(gm: torch.fx.GraphModule, example_inputs):  # one backend object: D
 class Program:
     """A checked capture: ``run(args) -> (the graph's outputs, the records, their tensors)`` with ``args`` the
     graph's inputs; the tensors are every tensor of the records and the root once each, in tape order (what
-    :func:`~inseq_semiring.graph.tape.tape_tensors` gives, known from the source instead of found per call)."""
+    :func:`~inseq_semiring.traced_sweep.tape_tensors` gives, known from the source instead of found per call)."""
 
     run: Callable
     input_positions: tuple  # position among the graph's inputs of each attributed input
@@ -109,7 +109,7 @@ class Program:
     root_slot: tuple  # (record index, output slot) of the root
     calls: int  # ATen calls replayed
     source: str = field(repr=False, default="")
-    #: the aliasing pattern of the records' tensors (graph/tape.tape_tensors), fixed by the replay's source
+    #: the aliasing pattern of the records' tensors (traced_sweep.tape_tensors), fixed by the replay's source
     tensor_pattern: tuple = field(repr=False, default=())
 
 
