@@ -71,7 +71,8 @@ class Tape:
     #: how the forward was obtained: "recorded" (under the recorder) or "compiled" (a replay, see graph/compiled.py)
     forward: str = "recorded"
     record_calls: tuple = ()  # with a captured program: the program index of each record's call
-    #: a replayed forward: (its tensors, their aliasing pattern) as ``traced_sweep.tape_tensors`` gives them; its program
+    #: a replayed forward: (its tensors, their aliasing pattern) as ``traced_sweep.tape_tensors`` gives them,
+    #: and its program
     tensors: tuple | None = field(default=None, repr=False)
     forward_program: Any = field(default=None, repr=False)
 

@@ -121,7 +121,8 @@ class ScaledSum(Semiring):
             u2 = None if u is None else sum_to_shape(u if c == 0.0 else torch.add(u, z, alpha=c), kind.in_shape)
             return _renormalise(z2, u2, log_scale + math.log(abs(s)), fresh=_is_fresh(z2, z, u) and _is_fresh(u2, z, u))
         w = kind.weight
-        if (tuple(w.shape) == tuple(z.shape) == tuple(kind.in_shape) and not (w.requires_grad and torch.is_grad_enabled())
+        if (tuple(w.shape) == tuple(z.shape) == tuple(kind.in_shape)
+                and not (w.requires_grad and torch.is_grad_enabled())
                 and (fused := pointwise_pull(w, z, u)) is not None):  # compiled: one pass, maps in L1
             return _renormalise(fused[0], fused[1], log_scale, fresh=True, z_max=fused[2])
         if u is None:
