@@ -106,9 +106,9 @@ def mapped_mm_pair(a_abs: Tensor | None, a_nlogn: Tensor | None, w: Tensor) -> t
     out_abs = None if a_abs is None else like.new_empty(a_abs.shape[0], w.shape[1])
     out_nlogn = None if a_nlogn is None else like.new_empty(a_nlogn.shape[0], w.shape[1])
     by, blocks = _plan(w.shape[0], w.shape[1], BLOCK_ELEMENTS)
-    scratch = None if a_nlogn is None or len(blocks) < 1 else _scratch(w, BLOCK_ELEMENTS + max(w.shape))
     if not blocks:  # an empty contraction
         return tuple(None if out is None else out.zero_() for out in (out_abs, out_nlogn))
+    scratch = None if a_nlogn is None else _scratch(w, BLOCK_ELEMENTS + max(w.shape))
     for i, b in enumerate(blocks):
         block, rows = (w[:, b], slice(None)) if by == "cols" else (w[b], b)
         maps = (block.abs(), None) if a_nlogn is None else abs_and_neg_xlogx(block, out=scratch)
