@@ -1,7 +1,8 @@
 """The one-read products with both entropy maps of a weight (kernels/xlogx.py ``pair_products``):
 ``(a1 @ |W|, a2 @ (-|W| log |W|))`` equal to the float64 formulas for float32 and float64, odd shapes (tails of a
-vector, one column, column blocks), zeros in W and in the factors (0 log 0 = 0), subnormal weights, either factor
-absent, strided operands; and the blocked path of ``mapped_mm_pair`` still equal when the kernel is not taken."""
+vector, one column, column blocks, the row counts of the register-tiled kernel), zeros in W and in the factors
+(0 log 0 = 0), subnormal weights, either factor absent, strided operands; and the blocked path of ``mapped_mm_pair``
+still equal when the kernel is not taken."""
 
 import pytest
 import torch
@@ -11,7 +12,9 @@ from inseq_semiring.semirings import weight_maps as wm
 
 torch.set_num_threads(1)
 
-SHAPES = [(37, 5, 2, 1), (130, 1031, 1, 3), (5, 1, 0, 2), (3, 17, 4, 0), (1000, 768, 2, 1)]
+SHAPES = [(37, 5, 2, 1), (130, 1031, 1, 3), (5, 1, 0, 2), (3, 17, 4, 0), (1000, 768, 2, 1),
+          # the row counts with a register-tiled kernel (whole chunks, single vectors and a padded tail)
+          (70, 100, 0, 1), (64, 300, 4, 2), (33, 129, 1, 0), (20, 50, 1, 1), (45, 97, 2, 0)]
 
 
 def _ref(a1, a2, w):

@@ -54,6 +54,15 @@ def skips_rows(t: Tensor) -> bool:
     return _jacobians.reads_on_host(t)
 
 
+def live_mask(t: Tensor, dim: int = -1) -> Tensor:
+    """Which slices of ``t`` along ``dim`` hold a nonzero entry (NaN counts as nonzero), as ``(t != 0).any(dim)``:
+    ``max != 0 or min != 0``, two reductions with small outputs (the comparison's full-size boolean temporary cost ~25x
+    more on a 64 x 50257 LM-head value, most of it in fresh pages)."""
+    if t.shape[dim] == 0:
+        return torch.zeros(t.shape[:dim % t.dim()] + t.shape[dim % t.dim() + 1:], dtype=torch.bool, device=t.device)
+    return (t.amax(dim) != 0) | (t.amin(dim) != 0)
+
+
 # -- shape helpers ----------------------------------------------------------------------------------------------
 
 def _broadcast_dims(in_shape, out_shape) -> tuple[list[int], int]:
@@ -185,7 +194,7 @@ def _matmul_scaled(kind: MatMul, z: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
         return z2, linear_pull(k_abs, u) + linear_pull(k_nlogn, z)
     n, k = kind.weight.shape
     zf, uf = z.reshape(-1, n), u.reshape(-1, n)
-    rows = None if not skips_rows(z) or _all_nonzero(zf) else (zf != 0).any(-1) | (uf != 0).any(-1)
+    rows = live_mask(zf) | live_mask(uf) if skips_rows(z) else None
     n_active = int(rows.sum()) if rows is not None else zf.shape[0]
     shape = (*z.shape[:-1], k)
     if n_active == zf.shape[0] and n_active:  # every row: the products are the results
@@ -224,16 +233,10 @@ def _matmul_linear(kind: MatMul, a: Tensor) -> Tensor:
     return _active_rows(a.reshape(-1, n), product, k).reshape(*a.shape[:-1], k)
 
 
-def _all_nonzero(rows: Tensor) -> bool:
-    """Every entry nonzero (so every row carries a value): one reduction instead of a per-row test and a count
-    (CPU only, like every row skip)."""
-    return rows.shape[-1] > 0 and bool(rows.all())
-
-
 def _active_rows(rows: Tensor, product, width: int) -> Tensor:
-    if not skips_rows(rows) or _all_nonzero(rows):
+    if not skips_rows(rows):
         return product(rows)
-    active = (rows != 0).any(-1)
+    active = live_mask(rows)
     n_active = int(active.sum())
     if n_active == rows.shape[0]:
         return product(rows)
@@ -461,9 +464,7 @@ def _rows_active_max(a: Tensor, w: Tensor, entry_map=None, index: bool = True) -
 
     if not skips_rows(a):  # off the CPU: no host read of the live-row count (a zero row gives 0 and argmax 0 here too)
         return product(a)
-    if _all_nonzero(a):
-        return product(a)
-    rows = (a != 0).any(-1)
+    rows = live_mask(a)
     n_active = int(rows.sum())
     if n_active == a.shape[0]:
         return product(a)
@@ -498,7 +499,7 @@ def _dense_chunks(kind: RowDense, flat: Tensor, rows: Tensor):
     if rows.numel() == 0:
         return
     if skips_rows(flat):
-        active_cols = (flat[rows] != 0).any(0).nonzero().flatten()
+        active_cols = live_mask(flat[rows], 0).nonzero().flatten()
         k = active_cols.numel()
     else:  # every output position (no host read of which are live)
         active_cols, k = None, n
@@ -511,8 +512,8 @@ def _dense_chunks(kind: RowDense, flat: Tensor, rows: Tensor):
 
 def _live_rows(flat: Tensor) -> Tensor:
     """Indices of the rows that carry a value (all rows where :func:`skips_rows` is False)."""
-    if skips_rows(flat) and not _all_nonzero(flat):
-        return (flat != 0).any(-1).nonzero().flatten()
+    if skips_rows(flat):
+        return live_mask(flat).nonzero().flatten()
     return torch.arange(flat.shape[0], device=flat.device)
 
 
