@@ -152,3 +152,35 @@ def test_rank1_pull_declines_what_it_does_not_cover():
     y = torch.softmax(torch.randn(2, 5), -1)
     assert xlogx.rank1_pull(y.half(), -y.half(), y.half(), y.half(), None) is None  # no half kernel
     assert xlogx.rank1_pull(y, -y, y, y.double(), None) is None  # mixed dtypes
+
+
+@pytest.mark.parametrize("left", [True, False])
+@pytest.mark.parametrize("layout", ["contiguous", "transposed", "strided"])
+def test_a_product_with_a_computed_factor_equals_the_formulas(left, layout):
+    """The entropy pull through a batched product whose weight is a computed tensor (attention's ``q k^T``, ``p v``):
+    ``z |W|`` and ``u |W| + z (-|W| log|W|)`` against the float64 formulas, for the weight layouts attention makes
+    (a batched transpose of a contiguous tensor, a strided view into a fused projection)."""
+    from inseq_semiring.rules.jacobians import MatMul
+    from inseq_semiring.semirings.base import scaled_pulls
+
+    g = torch.Generator().manual_seed(5)
+    base = torch.randn(3, 7, 30, generator=g, dtype=torch.float64).to(torch.float32)
+    base[0, 1, :5] = 0.0
+    w = {"contiguous": base[..., :9].contiguous(), "transposed": base[..., :7].transpose(-1, -2),
+         "strided": base[..., 2:11]}[layout]  # [3, 7, 9] in each layout
+    b, n, k = w.shape
+    rows = 4
+    z = torch.rand(b, rows, n, generator=g) if left else torch.rand(b, k, rows, generator=g)
+    u = torch.rand(z.shape, generator=g)
+    in_shape = torch.Size([b, rows, k] if left else [b, n, rows])
+    kind = MatMul(w, left, in_shape, torch.Size(z.shape))
+    got_z, got_u = scaled_pulls(kind, z, u)
+    a = w.double().abs()
+    nl = -torch.xlogy(a, a)
+    if left:
+        want_z, want_u = z.double() @ a, u.double() @ a + z.double() @ nl
+    else:
+        want_z, want_u = a @ z.double(), a @ u.double() + nl @ z.double()
+    assert got_z.shape == got_u.shape == in_shape
+    torch.testing.assert_close(got_z.double(), want_z, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got_u.double(), want_u, rtol=1e-5, atol=1e-6)

@@ -90,7 +90,9 @@ def test_xlogx_kernel_matches_the_torch_formula(dtype):
     w[1, 0] = torch.finfo(dtype).smallest_normal / 8  # subnormal: outside the vector log's range
     w[3, 44] = -torch.finfo(dtype).smallest_normal / 3
     w[4, 1] = 1.0  # log 1 = 0
-    for x in (w, w.t(), w[:, 1:40], w[5:6], w.reshape(-1)):
+    batched = w[:36].reshape(4, 9, 45)
+    for x in (w, w.t(), w[:, 1:40], w[5:6], w.reshape(-1), batched, batched.transpose(-1, -2),
+              batched[:, ::2].transpose(-1, -2)):  # batched transposes (attention's p^T) map in place
         a, b = xlogx.abs_and_neg_xlogx(x)
         ta, tb = xlogx.abs_and_neg_xlogx(x, backend="torch")
         assert a.shape == x.shape and b.shape == x.shape

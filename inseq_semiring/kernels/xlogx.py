@@ -477,6 +477,10 @@ def abs_and_neg_xlogx(w: Tensor, *, backend: str | None = None, out: tuple[Tenso
         return a.t(), b.t()
     if w.dim() == 2 and (w.shape[1] <= 1 or w.stride(1) == 1):
         return _maps_kernel(w)
+    if w.dim() > 2 and not w.is_contiguous() and w.transpose(-1, -2).is_contiguous():  # batched transposes (p^T)
+        wt = w.transpose(-1, -2)
+        a, b = _maps_kernel(wt.reshape(1, -1))
+        return a.view(wt.shape).transpose(-1, -2), b.view(wt.shape).transpose(-1, -2)
     flat = w.contiguous().reshape(1, -1)
     a, b = _maps_kernel(flat)
     return a.reshape(w.shape), b.reshape(w.shape)
