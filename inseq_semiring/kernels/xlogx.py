@@ -227,6 +227,24 @@ static bool pair_rows_fixed(const T* w, int64_t n, int64_t k, int64_t ws, const 
   return false;
 }
 
+// sum_j a[j] b[j] in double, in DW lanes of running sums (a serial double sum waits on each add's latency).
+template <typename T> static double dot_double(const T* a, const T* b, int64_t n) {
+  constexpr int DW = RC_VBYTES / sizeof(double);
+  typedef typename Vec<double, DW>::V DV;
+  typedef typename Vec<T, DW>::V TV;
+  DV acc0 = DV{} + 0.0, acc1 = acc0;
+  int64_t j = 0;
+  for (; j + 2 * DW <= n; j += 2 * DW) {
+    acc0 += __builtin_convertvector(vload<TV>(a + j), DV) * __builtin_convertvector(vload<TV>(b + j), DV);
+    acc1 += __builtin_convertvector(vload<TV>(a + j + DW), DV) * __builtin_convertvector(vload<TV>(b + j + DW), DV);
+  }
+  acc0 += acc1;
+  double s = 0.0;
+  for (int l = 0; l < DW; ++l) s += acc0[l];
+  for (; j < n; ++j) s += double(a[j]) * double(b[j]);
+  return s;
+}
+
 // The additive pulls through a rank-1 row Jacobian J = diag(d) + u v^T (softmax, log-softmax), one row of
 // length n at a time, with the maps of J's entries never formed: off the diagonal |u_i v_j| = |u_i||v_j| and
 // -|u_i v_j| log|u_i v_j| = nl(u_i)|v_j| + |u_i| nl(v_j) (nl(x) = -|x| log|x|), so with sums over the row
@@ -259,14 +277,9 @@ static void rank1_rows(const T* d, const T* u, const T* v, const T* z, const T* 
         ajd[j] = std::fabs(jd[j]);
       }
     }
-    double sz = 0.0, sq = 0.0, sn = 0.0;
-    for (int64_t j = 0; j < n; ++j) sz += double(zr[j]) * double(au[j]);
-    if (q) {
-      for (int64_t j = 0; j < n; ++j) {
-        sq += double(qr[j]) * double(au[j]);
-        sn += double(zr[j]) * double(nu[j]);
-      }
-    }
+    const double sz = dot_double(zr, au.data(), n);
+    const double sq = q ? dot_double(qr, au.data(), n) : 0.0;
+    const double sn = q ? dot_double(zr, nu.data(), n) : 0.0;
     for (int64_t j = 0; j < n; ++j) {
       const double zj = zr[j], ez = sz - zj * double(au[j]);
       ozr[j] = T(double(av[j]) * ez + zj * double(ajd[j]));
