@@ -11,9 +11,9 @@ Two backends give the same numbers up to the last bit or two of the log:
 
 :func:`pair_products` gives ``(a1 @ |W|, a2 @ (-|W| log |W|))`` for a few rows in one read of ``W`` without writing
 either map (the LM head under a next-token root: one active row against a 50257 x 768 weight). The row counts the
-sweep uses keep their partial sums in registers over blocks of 32 rows of ``W``; the log there takes subnormal
-``|w|`` by an exact power-of-two scaling instead of a per-vector test (``[z; u]`` and ``z`` against GPT-2's LM head:
-32 -> 19 ms).
+sweep uses keep their partial sums in registers over blocks of 32 rows of ``W`` (``[z; u]`` and ``z`` against
+GPT-2's LM head: 32 -> 19 ms); its log takes subnormal ``|w|`` by an exact power-of-two scaling instead of a
+per-vector test.
 """
 
 from __future__ import annotations
@@ -60,6 +60,16 @@ template <typename T> static void map_row(const T* x, T* a, T* b, int64_t n) {
   }
 }
 
+// log x for x >= 0 including subnormals, branch-free: a subnormal x is scaled by 2^S into vlog's normal range (exact)
+// and S log 2 taken off again; 0 gives a finite value (so 0 log 0 = 0 without a case).
+template <typename T, int W> static inline typename Vec<T, W>::V vlog_scaled(typename Vec<T, W>::V x) {
+  typedef typename Vec<T, W>::V V;
+  constexpr int S = std::numeric_limits<T>::digits;
+  const auto sub = x < std::numeric_limits<T>::min();
+  const V up = sub ? x * T(std::ldexp(1.0, S)) : x;
+  return vlog<T, W>(up) - (sub ? V{} + T(S * 0.693147180559945309417232121458) : V{} + T(0));
+}
+
 // Products with both maps of a weight for a few rows, without materialising either map (one read of w):
 //   oa[r, j] = sum_i aa[r, i] |w[i, j]|,   ob[r, j] = sum_i ab[r, i] (-|w[i, j]| log |w[i, j]|).
 // Columns go in blocks of KB (accumulators stay in L1); along i, float partial sums of at most FLUSH terms are
@@ -71,8 +81,6 @@ static void pair_rows(const T* w, int64_t n, int64_t k, int64_t ws, const T* aa,
   constexpr int64_t KB = 64 * W;
   constexpr int FLUSH = 32;
   typedef typename Vec<T, W>::V V;
-  typedef typename Vec<T, W>::IV IV;
-  const T tiny = std::numeric_limits<T>::min();
   std::vector<T> pa(ra * KB), pb(rb * KB), ca(ra), cb(rb), tail(W);
   std::vector<double> da(ra * KB), db(rb * KB);
   for (int64_t c0 = 0; c0 < k; c0 += KB) {
@@ -99,13 +107,7 @@ static void pair_rows(const T* w, int64_t n, int64_t k, int64_t ws, const T* aa,
         }
         for (int64_t r = 0; r < ra; ++r) vstore(&pa[r * KB + j], vload<V>(&pa[r * KB + j]) + v * ca[r]);
         if (rb) {
-          V l = v * vlog<T, W>(v);  // |w| log |w|; 0 -> 0 (vlog(0) is finite)
-          const IV sub = (v > T(0)) & (v < tiny);
-          bool any = false;
-          for (int q = 0; q < W; ++q) any |= sub[q] != 0;
-          if (any) {  // subnormal |w| (outside vlog's range): rare
-            for (int q = 0; q < W; ++q) if (sub[q]) l[q] = v[q] * std::log(v[q]);
-          }
+          const V l = v * vlog_scaled<T, W>(v);  // |w| log |w|; 0 -> 0
           for (int64_t r = 0; r < rb; ++r) vstore(&pb[r * KB + j], vload<V>(&pb[r * KB + j]) + l * cb[r]);
         }
       }
@@ -120,16 +122,6 @@ static void pair_rows(const T* w, int64_t n, int64_t k, int64_t ws, const T* aa,
     for (int64_t r = 0; r < rb; ++r)
       for (int64_t j = 0; j < width; ++j) ob[r * k + c0 + j] = T(-(db[r * KB + j] + double(pb[r * KB + j])));
   }
-}
-
-// log x for x >= 0 including subnormals, branch-free: a subnormal x is scaled by 2^S into vlog's normal range (exact)
-// and S log 2 taken off again; 0 gives a finite value (so 0 log 0 = 0 without a case).
-template <typename T, int W> static inline typename Vec<T, W>::V vlog_scaled(typename Vec<T, W>::V x) {
-  typedef typename Vec<T, W>::V V;
-  constexpr int S = std::numeric_limits<T>::digits;
-  const auto sub = x < std::numeric_limits<T>::min();
-  const V up = sub ? x * T(std::ldexp(1.0, S)) : x;
-  return vlog<T, W>(up) - (sub ? V{} + T(S * 0.693147180559945309417232121458) : V{} + T(0));
 }
 
 // pair_rows with the row counts RA, RB known at compile time and the partial sums in registers: the live rows i
