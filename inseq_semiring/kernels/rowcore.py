@@ -103,11 +103,9 @@ static inline double diag_abs(double x, int64_t n) {
 //   log x = e log 2 + log(1/inv_k) + log1p(r), |r| < 1/63, log1p(r) = r - r^2/2 + r^3/3 (truncation < 2e-8).
 //   x is first raised to the smallest normal (for 0 and subnormal x, c log c is below 2e-36 in absolute value).
 //   Five multiply-adds against the polynomial's ten: the pair loop is bound by the multiply-add units.
-//   Otherwise (float): log2 x = k + f R(f) after vlog's range reduction (x = 2^k (1 + f), f in [sqrt(1/2) - 1,
-//   sqrt(2) - 1]), R(f) = (1 + f q(f)) / ln 2 with q a degree-6 log1p polynomial: eight multiply-adds; k enters
-//   with the last one, where ln x = k ln2_hi + k ln2_lo + f + f^2 q(f) took ten (measured on Zen 3, AVX2: the
-//   entropy pair loop 8% faster, the same error). The pair loop folds ln 2 into its coefficients
-//   (pair_log_unit: the log's base, as its natural log).
+//   Otherwise (float): vecmath's vlog2_sum, log2 in eight multiply-adds (where ln by the same polynomial took ten:
+//   measured on Zen 3, AVX2, the entropy pair loop 8% faster, the same error). The pair loop folds ln 2 into its
+//   coefficients (pair_log_unit: the log's base, as its natural log).
 // double uses vlog.
 #if defined(__AVX512F__)
 }  // namespace
@@ -157,22 +155,8 @@ template <typename T, int W> static inline typename Vec<T, W>::V vlog_pair(typen
     return (V)vlog_pair16((__m512)x);
   } else
 #endif
-  if constexpr (std::is_same<T, float>::value) {  // log2
-    typedef typename Vec<T, W>::IV IV;
-    typedef typename Vec<T, W>::UV UV;
-    const IV u = bitcast<IV>(x);
-    const IV k = (u - 0x3f3504f3) >> 23;
-    const V f = bitcast<V>(u - bitcast<IV>(bitcast<UV>(k) << 23)) - 1.0f;
-    const V kf = __builtin_convertvector(k, V);
-    constexpr float L = 1.44269504088896340736f;  // 1 / ln 2
-    V r = (-9.797476232e-02f * L) * f + (1.620765030e-01f * L);
-    r = r * f - (1.735297441e-01f * L);
-    r = r * f + (1.990539879e-01f * L);
-    r = r * f - (2.496028841e-01f * L);
-    r = r * f + (3.333470225e-01f * L);
-    r = r * f - (5.000061989e-01f * L);
-    r = r * f + L;
-    return f * r + kf;
+  if constexpr (std::is_same<T, float>::value) {  // log2 (vecmath's vlog2_sum)
+    return vlog2_sum(x);
   } else {
     return vlog<T, W>(x);
   }

@@ -13,7 +13,9 @@ Two backends give the same numbers up to the last bit or two of the log:
 either map (the LM head under a next-token root: one active row against a 50257 x 768 weight). The row counts the
 sweep uses keep their partial sums in registers over blocks of 32 rows of ``W`` (``[z; u]`` and ``z`` against
 GPT-2's LM head: 32 -> 19 ms); its log takes subnormal ``|w|`` by an exact power-of-two scaling instead of a
-per-vector test.
+per-vector test, and for float32 is the log2 for summed terms (:mod:`~inseq_semiring.kernels.vecmath`: absolute error
+~1.5e-7, below the rounding of the products; the same product through the blocked maps then differs in the last bit
+or two).
 """
 
 from __future__ import annotations
@@ -60,15 +62,25 @@ template <typename T> static void map_row(const T* x, T* a, T* b, int64_t n) {
   }
 }
 
-// log x for x >= 0 including subnormals, branch-free: a subnormal x is scaled by 2^S into vlog's normal range (exact)
-// and S log 2 taken off again; 0 gives a finite value (so 0 log 0 = 0 without a case). For the products, whose
-// terms are summed at once; map_row keeps its cheaper test-once-per-row and redo (16% faster per 1M entries).
-template <typename T, int W> static inline typename Vec<T, W>::V vlog_scaled(typename Vec<T, W>::V x) {
+// The log of the products' terms, for x >= 0 including subnormals, branch-free, in the base sum_log_unit gives (as
+// its natural log): float log2 by vecmath's vlog2_sum (absolute error ~1.5e-7 in ln units: the terms |w| log |w| are
+// weighed and summed at once, and their sum's rounding is larger; on GPT-2's LM head [z; u] and z: 35 -> 25 ms),
+// double ln by vlog. A subnormal x is scaled by 2^S into the normal range (exact) and S log 2 taken off again; 0
+// gives a finite value (so 0 log 0 = 0 without a case). map_row (whose entries are the result) keeps vlog's ~1 ulp,
+// and its cheaper test-once-per-row and redo (16% faster per 1M entries).
+template <typename T> constexpr double sum_log_unit() {
+  return std::is_same<T, float>::value ? 0.693147180559945309417232121458 : 1.0;
+}
+template <typename T, int W> static inline typename Vec<T, W>::V vlog_sum(typename Vec<T, W>::V x) {
   typedef typename Vec<T, W>::V V;
   constexpr int S = std::numeric_limits<T>::digits;
   const auto sub = x < std::numeric_limits<T>::min();
   const V up = sub ? x * T(std::ldexp(1.0, S)) : x;
-  return vlog<T, W>(up) - (sub ? V{} + T(S * 0.693147180559945309417232121458) : V{} + T(0));
+  if constexpr (std::is_same<T, float>::value && W == RC_VBYTES / 4) {
+    return vlog2_sum(up) - (sub ? V{} + T(S) : V{} + T(0));
+  } else {
+    return vlog<T, W>(up) - (sub ? V{} + T(S * 0.693147180559945309417232121458) : V{} + T(0));
+  }
 }
 
 // Products with both maps of a weight for a few rows, without materialising either map (one read of w):
@@ -95,7 +107,10 @@ static void pair_rows(const T* w, int64_t n, int64_t k, int64_t ws, const T* aa,
     for (int64_t i = 0; i < n; ++i) {
       bool live = false;
       for (int64_t r = 0; r < ra; ++r) live |= (ca[r] = aa[r * as + i]) != T(0);
-      for (int64_t r = 0; r < rb; ++r) live |= (cb[r] = ab[r * bs + i]) != T(0);
+      for (int64_t r = 0; r < rb; ++r) {
+        live |= ab[r * bs + i] != T(0);
+        cb[r] = T(ab[r * bs + i] * sum_log_unit<T>());
+      }
       if (!live) continue;
       const T* row = w + i * ws + c0;
       for (int64_t j = 0; j < vw; j += W) {
@@ -108,7 +123,7 @@ static void pair_rows(const T* w, int64_t n, int64_t k, int64_t ws, const T* aa,
         }
         for (int64_t r = 0; r < ra; ++r) vstore(&pa[r * KB + j], vload<V>(&pa[r * KB + j]) + v * ca[r]);
         if (rb) {
-          const V l = v * vlog_scaled<T, W>(v);  // |w| log |w|; 0 -> 0
+          const V l = v * vlog_sum<T, W>(v);  // |w| log_b |w| (cb has ln b); 0 -> 0
           for (int64_t r = 0; r < rb; ++r) vstore(&pb[r * KB + j], vload<V>(&pb[r * KB + j]) + l * cb[r]);
         }
       }
@@ -154,7 +169,7 @@ static inline void pair_chunk(const T* w, int64_t ws, int64_t c0, int64_t width,
       }
       for (int r = 0; r < RA; ++r) acc_a[r][q] += v * ca[t * RA + r];
       if constexpr (RB > 0) {
-        const V l = v * vlog_scaled<T, W>(v);  // |w| log |w|; 0 -> 0
+        const V l = v * vlog_sum<T, W>(v);  // |w| log_b |w| (cb has ln b); 0 -> 0
         for (int r = 0; r < RB; ++r) acc_b[r][q] += l * cb[t * RB + r];
       }
     }
@@ -187,7 +202,7 @@ static void pair_rows_tiled(const T* w, int64_t n, int64_t k, int64_t ws, const 
     const int64_t* rows = live.data() + b0;
     for (int t = 0; t < m; ++t) {
       for (int r = 0; r < RA; ++r) ca[t * RA + r] = aa[r * as + rows[t]];
-      for (int r = 0; r < RB; ++r) cb[t * RB + r] = ab[r * bs + rows[t]];
+      for (int r = 0; r < RB; ++r) cb[t * RB + r] = T(ab[r * bs + rows[t]] * sum_log_unit<T>());
     }
     int64_t j = 0;
     for (; j + NV <= whole; j += NV)
