@@ -185,3 +185,51 @@ def test_no_ext_env_skips_the_build(monkeypatch):
     monkeypatch.setattr(xlogx, "EXTENSION", fresh)
     assert xlogx.active_backend(torch.ones(2)) == "torch"
     assert fresh.module is None and not fresh.failed  # not even attempted
+
+
+def _hard_float32_weight(rows: int, cols: int) -> torch.Tensor:
+    """float32 weights of every size class: zeros, ones, near 1 (where log |w| -> 0), subnormal, large, tiny."""
+    g = torch.Generator().manual_seed(7)
+    w = (torch.randn(rows, cols, generator=g, dtype=torch.float64) * 0.05).float()
+    w[0, :5] = torch.tensor([0.0, 1.0, -1.0, 0.999, 1.001])
+    w[1, :4] = torch.tensor([torch.finfo(torch.float32).smallest_normal / 8, -1e-44, 1e-30, 3e4])
+    w[2] = 1 + torch.linspace(-0.3, 0.3, cols)  # the log2 polynomial's whole range around 1
+    return w
+
+
+def test_summed_maps_bound_the_error_of_each_log():
+    """``summed=True`` (the maps a matrix product sums at once): float32 entries within 2e-7 |w| (1 + |log |w||) of
+    the float64 formula, or within the smallest normal where the entry is subnormal (the log's absolute error, not
+    ~1 ulp of each entry); |w| exact; 0 log 0 = 0; float64 as
+    without it."""
+    if xlogx.active_backend(torch.zeros(1)) != "cpp":
+        pytest.skip("no C++ extension here")
+    w = _hard_float32_weight(37, 45)
+    out = (torch.empty(w.numel()), torch.empty(w.numel()))
+    a, b = xlogx.abs_and_neg_xlogx(w, out=out, summed=True)
+    assert torch.equal(a, w.abs())
+    exact = _nlogn(w.double())
+    scale = w.double().abs() * (1 + w.double().abs().clamp_min(1e-300).log().abs())
+    tiny = torch.finfo(torch.float32).smallest_normal  # results below it have subnormal precision
+    assert bool(((b.double() - exact).abs() <= 2e-7 * scale + tiny).all())
+    assert bool((b[w == 0] == 0).all()) and bool((b[w.abs() == 1] == 0).all())
+    wd = w.double()
+    outd = (torch.empty(w.numel(), dtype=torch.float64), torch.empty(w.numel(), dtype=torch.float64))
+    assert torch.equal(xlogx.abs_and_neg_xlogx(wd, out=outd, summed=True)[1], xlogx.abs_and_neg_xlogx(wd)[1])
+
+
+@pytest.mark.parametrize("rows_limit", [0, 8])
+def test_float32_products_through_either_path_bound_their_error(monkeypatch, rows_limit):
+    """float32 ``mapped_mm_pair`` by the blocked summed maps (kernel threshold 0) or the one-read kernel: within 1e-6
+    of the float64 products, relative to the size of their terms."""
+    monkeypatch.setattr(wm, "PAIR_KERNEL_ROWS", rows_limit)
+    monkeypatch.setattr(wm, "BLOCK_ELEMENTS", 3 * 45)
+    w = _hard_float32_weight(37, 45)
+    g = torch.Generator().manual_seed(8)
+    a1, a2 = torch.rand(2, 37, generator=g), torch.rand(1, 37, generator=g)
+    got1, got2 = wm.mapped_mm_pair(a1, a2, w)
+    wd = w.double()
+    want1, want2 = a1.double() @ wd.abs(), a2.double() @ _nlogn(wd)
+    scale2 = a2.double() @ (wd.abs() * (1 + wd.abs().clamp_min(1e-300).log().abs()))
+    assert float(((got1.double() - want1).abs() / (a1.double() @ wd.abs())).max()) <= 1e-6
+    assert float(((got2.double() - want2).abs() / scale2).max()) <= 1e-6

@@ -83,6 +83,42 @@ template <typename T, int W> static inline typename Vec<T, W>::V vlog_sum(typena
   }
 }
 
+// map_row for maps that only enter products (mapped_mm_pair's blocks, summed by a matrix product at once): for
+// float32 b from vecmath's log2 for summed terms (an absolute error ~1.5e-7 in log |w|), with map_row's per-row test
+// for subnormals and redo; double as map_row. Measured on 1M float32 entries (Zen 3, AVX2): 0.66-0.86 -> 0.45 ms.
+template <typename T> static void map_row_sum(const T* x, T* a, T* b, int64_t n) {
+  if constexpr (!std::is_same<T, float>::value) {
+    map_row<T>(x, a, b, n);
+  } else {
+    constexpr int W = RC_VBYTES / sizeof(T);
+    typedef typename Vec<T, W>::V V;
+    typedef typename Vec<T, W>::IV IV;
+    const T tiny = std::numeric_limits<T>::min(), unit = T(-sum_log_unit<T>());
+    IV sub = IV{};
+    int64_t i = 0;
+    for (; i + W <= n; i += W) {
+      const V v = vabs<T, W>(vload<V>(x + i));
+      sub |= (v > T(0)) & (v < tiny);
+      vstore(a + i, v);
+      vstore(b + i, (v * vlog2_sum(v)) * unit);
+    }
+    if (i < n) {
+      T in[W], ob[W];
+      for (int l = 0; l < W; ++l) in[l] = i + l < n ? std::fabs(x[i + l]) : T(1);
+      vstore(ob, (vload<V>(in) * vlog2_sum(vload<V>(in))) * unit);
+      for (int64_t j = i; j < n; ++j) {
+        a[j] = in[j - i];
+        b[j] = ob[j - i];
+      }
+    }
+    bool any = false;
+    for (int l = 0; l < W; ++l) any |= sub[l] != 0;
+    for (int64_t j = any ? 0 : n - n % W; j < n; ++j) {  // subnormal |w| (outside the log's range): rare
+      if (a[j] > T(0) && a[j] < tiny) b[j] = -a[j] * std::log(a[j]);
+    }
+  }
+}
+
 // Products with both maps of a weight for a few rows, without materialising either map (one read of w):
 //   oa[r, j] = sum_i aa[r, i] |w[i, j]|,   ob[r, j] = sum_i ab[r, i] (-|w[i, j]| log |w[i, j]|).
 // Columns go in blocks of KB (accumulators stay in L1); along i, float partial sums of at most FLUSH terms are
@@ -349,8 +385,9 @@ static void pointwise_rows(const T* w, const T* z, const T* q, int64_t n, T* oz,
 
 }  // namespace
 
-// w: 2-D with unit stride along dim 1 (any row stride). Writes (|w|, -|w| log|w|) into a, b (contiguous, w's shape).
-void abs_neg_xlogx_out_cpu(torch::Tensor w, torch::Tensor a, torch::Tensor b) {
+// w: 2-D with unit stride along dim 1 (any row stride). Writes (|w|, -|w| log|w|) into a, b (contiguous, w's shape);
+// summed: b only enters products (map_row_sum).
+void abs_neg_xlogx_out_cpu(torch::Tensor w, torch::Tensor a, torch::Tensor b, bool summed) {
   TORCH_CHECK(w.dim() == 2 && (w.size(1) <= 1 || w.stride(1) == 1), "abs_neg_xlogx_cpu: need a 2-D row-strided tensor");
   TORCH_CHECK(a.sizes() == w.sizes() && b.sizes() == w.sizes() && a.is_contiguous() && b.is_contiguous() &&
               a.scalar_type() == w.scalar_type() && b.scalar_type() == w.scalar_type(),
@@ -360,7 +397,8 @@ void abs_neg_xlogx_out_cpu(torch::Tensor w, torch::Tensor a, torch::Tensor b) {
     const scalar_t* x = w.data_ptr<scalar_t>();
     scalar_t* pa = a.data_ptr<scalar_t>();
     scalar_t* pb = b.data_ptr<scalar_t>();
-    for (int64_t r = 0; r < rows; ++r) map_row<scalar_t>(x + r * stride, pa + r * cols, pb + r * cols, cols);
+    for (int64_t r = 0; r < rows; ++r)
+      (summed ? map_row_sum<scalar_t> : map_row<scalar_t>)(x + r * stride, pa + r * cols, pb + r * cols, cols);
   });
 }
 
@@ -368,7 +406,7 @@ void abs_neg_xlogx_out_cpu(torch::Tensor w, torch::Tensor a, torch::Tensor b) {
 std::vector<torch::Tensor> abs_neg_xlogx_cpu(torch::Tensor w) {
   auto a = torch::empty(w.sizes(), w.options().memory_format(at::MemoryFormat::Contiguous));
   auto b = torch::empty_like(a);
-  abs_neg_xlogx_out_cpu(w, a, b);
+  abs_neg_xlogx_out_cpu(w, a, b, false);
   return {a, b};
 }
 
@@ -435,7 +473,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("abs_neg_xlogx_cpu", &abs_neg_xlogx_cpu, "(|w|, -|w| log|w|) of a 2-D row-strided tensor",
           pybind11::arg("w"), pybind11::call_guard<pybind11::gil_scoped_release>());
   mod.def("abs_neg_xlogx_out_cpu", &abs_neg_xlogx_out_cpu, "(|w|, -|w| log|w|) into given buffers",
-          pybind11::arg("w"), pybind11::arg("a"), pybind11::arg("b"),
+          pybind11::arg("w"), pybind11::arg("a"), pybind11::arg("b"), pybind11::arg("summed") = false,
           pybind11::call_guard<pybind11::gil_scoped_release>());
   mod.def("rank1_pull_cpu", &rank1_pull_cpu, "additive pulls through diag(d) + u v^T rows, maps in registers",
           pybind11::arg("d"), pybind11::arg("u"), pybind11::arg("v"), pybind11::arg("z"), pybind11::arg("q"),
@@ -478,11 +516,13 @@ def active_backend(w: Tensor) -> str:
     return "cpp" if ok and EXTENSION.load() is not None else "torch"
 
 
-def abs_and_neg_xlogx(w: Tensor, *, backend: str | None = None, out: tuple[Tensor, Tensor] | None = None
-                      ) -> tuple[Tensor, Tensor]:
+def abs_and_neg_xlogx(w: Tensor, *, backend: str | None = None, out: tuple[Tensor, Tensor] | None = None,
+                      summed: bool = False) -> tuple[Tensor, Tensor]:
     """``(|w|, -|w| log |w|)`` elementwise, shaped like ``w`` (``backend``: force one, for tests). ``out``: two flat
     contiguous scratch buffers of ``w``'s dtype with at least ``w.numel()`` entries that the C++ backend writes into
-    (views of them are returned; reusing them across blocks spares fresh pages for every block)."""
+    (views of them are returned; reusing them across blocks spares fresh pages for every block). ``summed`` (with
+    ``out``): the second map only enters matrix products, so float32 may take the log for summed terms (absolute error
+    ~1.5e-7 in ``log |w|``, not ~1 ulp of each entry)."""
     if (backend or active_backend(w)) == "torch" or w.numel() == 0:
         return _torch_backend(w)
     ext = EXTENSION.load()
@@ -491,7 +531,7 @@ def abs_and_neg_xlogx(w: Tensor, *, backend: str | None = None, out: tuple[Tenso
         src = w.t() if t else w
         if src.shape[1] <= 1 or src.stride(1) == 1:
             a, b = (buf[:src.numel()].view(src.shape) for buf in out)
-            ext.abs_neg_xlogx_out_cpu(src, a, b)
+            ext.abs_neg_xlogx_out_cpu(src, a, b, summed)
             return (a.t(), b.t()) if t else (a, b)
     if w.dim() == 2 and w.stride(0) == 1 and w.stride(1) != 1:  # a transposed matrix: map its rows, give it back
         a, b = _maps_kernel(w.t())

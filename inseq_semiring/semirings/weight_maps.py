@@ -112,7 +112,7 @@ def mapped_mm_pair(a_abs: Tensor | None, a_nlogn: Tensor | None, w: Tensor) -> t
     scratch = None if a_nlogn is None else _scratch(w, BLOCK_ELEMENTS + max(w.shape))
     for i, b in enumerate(blocks):
         block, rows = (w[:, b], slice(None)) if by == "cols" else (w[b], b)
-        maps = (block.abs(), None) if a_nlogn is None else abs_and_neg_xlogx(block, out=scratch)
+        maps = (block.abs(), None) if a_nlogn is None else abs_and_neg_xlogx(block, out=scratch, summed=True)
         for out, a, mapped in ((out_abs, a_abs, maps[0]), (out_nlogn, a_nlogn, maps[1])):
             if out is None:
                 continue
