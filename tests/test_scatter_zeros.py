@@ -1,5 +1,5 @@
-"""``semirings.base.scatter_zeros``: the zero tensor a scatter pull writes into. Large CPU ones come from calloc'd memory
-(zero pages mapped on first touch); they are ordinary tensors to every later operation, and a sweep whose every
+"""``semirings.base.scatter_zeros``: the zero tensor a scatter pull writes into. Large CPU ones come from calloc'd
+memory (zero pages mapped on first touch); they are ordinary tensors to every later operation, and a sweep whose every
 scatter pull takes them gives the bits of the default path, for every semiring and tiny architecture."""
 
 import pytest

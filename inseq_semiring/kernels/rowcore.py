@@ -23,8 +23,8 @@ Two backends compute the same thing:
   fma; ``j`` itself left out as two ranges, so a sum without terms is exactly 0). Only the log terms
   ``|c| log |c|`` walk the unordered pairs ``i < j``, once each, contributing to both outputs ``j`` and ``i`` (a
   symmetric matrix-vector product), vectorised with GCC/Clang vector extensions (measured on Zen 3, AVX2, 64 rows of
-  768: flow 3.1-4.8 -> 1.8-2.2 ms, entropy 10.6 -> 9.9 ms, both closer to the float64 reference). The log is a hand-written
-  branch-free vector log (float32 with AVX-512: a 32-entry table in registers and a cubic log1p,
+  768: flow 3.1-4.8 -> 1.8-2.2 ms, entropy 10.6 -> 9.9 ms, both closer to the float64 reference). The log is a
+  hand-written branch-free vector log (float32 with AVX-512: a 32-entry table in registers and a cubic log1p,
   five multiply-adds; otherwise ``log2`` by a degree-8 polynomial, the exponent added with one add and
   ``ln 2`` folded into the pair coefficients; fdlibm ``log`` for float64; absolute error ~1e-7 / ~1e-16),
   so no ``-ffast-math`` or vector math library is needed. ``1 + xh_i xh_j`` is a

@@ -379,11 +379,11 @@ void abs_neg_xlogx_out_cpu(torch::Tensor w, torch::Tensor a, torch::Tensor b, bo
   });
 }
 
-// Returns contiguous (|w|, -|w| log|w|).
-std::vector<torch::Tensor> abs_neg_xlogx_cpu(torch::Tensor w) {
+// Returns contiguous (|w|, -|w| log|w|) (summed: as abs_neg_xlogx_out_cpu).
+std::vector<torch::Tensor> abs_neg_xlogx_cpu(torch::Tensor w, bool summed) {
   auto a = torch::empty(w.sizes(), w.options().memory_format(at::MemoryFormat::Contiguous));
   auto b = torch::empty_like(a);
-  abs_neg_xlogx_out_cpu(w, a, b, false);
+  abs_neg_xlogx_out_cpu(w, a, b, summed);
   return {a, b};
 }
 
@@ -448,7 +448,7 @@ std::vector<torch::Tensor> pointwise_pull_cpu(torch::Tensor w, torch::Tensor z, 
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("abs_neg_xlogx_cpu", &abs_neg_xlogx_cpu, "(|w|, -|w| log|w|) of a 2-D row-strided tensor",
-          pybind11::arg("w"), pybind11::call_guard<pybind11::gil_scoped_release>());
+          pybind11::arg("w"), pybind11::arg("summed") = false, pybind11::call_guard<pybind11::gil_scoped_release>());
   mod.def("abs_neg_xlogx_out_cpu", &abs_neg_xlogx_out_cpu, "(|w|, -|w| log|w|) into given buffers",
           pybind11::arg("w"), pybind11::arg("a"), pybind11::arg("b"), pybind11::arg("summed") = false,
           pybind11::call_guard<pybind11::gil_scoped_release>());
@@ -469,7 +469,7 @@ EXTENSION = CompiledExtension("xlogx", _CPP, ["-O3", "-march=native", "-fno-math
 
 
 #: The kernels as dispatcher operators (one opaque call each in a traced sweep).
-_maps_kernel = EXTENSION.op("abs_neg_xlogx_cpu", "(Tensor w) -> (Tensor, Tensor)")
+_maps_kernel = EXTENSION.op("abs_neg_xlogx_cpu", "(Tensor w, bool summed) -> (Tensor, Tensor)")
 _pair_products_kernel = EXTENSION.op("pair_products_cpu", "(Tensor aa, Tensor ab, Tensor w) -> (Tensor, Tensor)")
 _pointwise_pull_kernel = EXTENSION.op(
     "pointwise_pull_cpu", "(Tensor w, Tensor z, Tensor q, bool has_q) -> (Tensor, Tensor, Tensor)")
@@ -497,9 +497,10 @@ def abs_and_neg_xlogx(w: Tensor, *, backend: str | None = None, out: tuple[Tenso
                       summed: bool = False) -> tuple[Tensor, Tensor]:
     """``(|w|, -|w| log |w|)`` elementwise, shaped like ``w`` (``backend``: force one, for tests). ``out``: two flat
     contiguous scratch buffers of ``w``'s dtype with at least ``w.numel()`` entries that the C++ backend writes into
-    (views of them are returned; reusing them across blocks spares fresh pages for every block). ``summed`` (with
-    ``out``): the second map only enters matrix products, so float32 may take the log for summed terms (absolute error
-    ~1.5e-7 in ``log |w|``, not ~1 ulp of each entry)."""
+    (views of them are returned; reusing them across blocks spares fresh pages for every block). ``summed``: the
+    second map only enters matrix products, so float32 takes the log for summed terms (absolute error ~1.5e-7 in
+    ``log |w|``, not ~1 ulp of each entry), whichever way the kernel is called (a traced sweep calls the dispatcher
+    operator, not the ``out`` form)."""
     if (backend or active_backend(w)) == "torch" or w.numel() == 0:
         return _torch_backend(w)
     ext = EXTENSION.load()
@@ -511,16 +512,16 @@ def abs_and_neg_xlogx(w: Tensor, *, backend: str | None = None, out: tuple[Tenso
             ext.abs_neg_xlogx_out_cpu(src, a, b, summed)
             return (a.t(), b.t()) if t else (a, b)
     if w.dim() == 2 and w.stride(0) == 1 and w.stride(1) != 1:  # a transposed matrix: map its rows, give it back
-        a, b = _maps_kernel(w.t())
+        a, b = _maps_kernel(w.t(), summed)
         return a.t(), b.t()
     if w.dim() == 2 and (w.shape[1] <= 1 or w.stride(1) == 1):
-        return _maps_kernel(w)
+        return _maps_kernel(w, summed)
     if w.dim() > 2 and not w.is_contiguous() and w.transpose(-1, -2).is_contiguous():  # batched transposes (p^T)
         wt = w.transpose(-1, -2)
-        a, b = _maps_kernel(wt.reshape(1, -1))
+        a, b = _maps_kernel(wt.reshape(1, -1), summed)
         return a.view(wt.shape).transpose(-1, -2), b.view(wt.shape).transpose(-1, -2)
     flat = w.contiguous().reshape(1, -1)
-    a, b = _maps_kernel(flat)
+    a, b = _maps_kernel(flat, summed)
     return a.reshape(w.shape), b.reshape(w.shape)
 
 
