@@ -145,7 +145,7 @@ template <typename T, int W> constexpr double pair_log_unit() {
 #if defined(__AVX512F__)
   if (std::is_same<T, float>::value && W == 16) return 1.0;
 #endif
-  return std::is_same<T, float>::value ? 0.69314718055994530942 : 1.0;
+  return std::is_same<T, float>::value ? VLOG2_SUM_UNIT : 1.0;
 }
 
 template <typename T, int W> static inline typename Vec<T, W>::V vlog_pair(typename Vec<T, W>::V x) {

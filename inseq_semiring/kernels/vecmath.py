@@ -118,6 +118,8 @@ template <typename T, int W> static inline typename Vec<T, W>::V vlog(typename V
 // multiply-adds, k entering with the last, against ten for vlog's ln x = k ln2_hi + k ln2_lo + f + f^2 q(f) with this
 // q. Absolute error ~1.5e-7 in ln units (~1 ulp of |ln x| ~ 2), not vlog's relative ~1 ulp: for terms that are summed
 // (|c| log |c| weighed and added up), whose error is then below the rounding of the terms' sum.
+// vlog2_sum's base as its natural log: a caller folds it into its coefficients (or its result) to get ln.
+constexpr double VLOG2_SUM_UNIT = 0.693147180559945309417232121458;
 static inline typename Vec<float, RC_VBYTES / 4>::V vlog2_sum(typename Vec<float, RC_VBYTES / 4>::V x) {
   constexpr int W = RC_VBYTES / 4;
   typedef typename Vec<float, W>::V V;
